@@ -1,0 +1,6 @@
+"""tore_reference: an independent, readable eager PyTorch implementation of what TORE computes
+(docs: tore-model.md). It is the spec every tore_kernels op is tested against and the "eager" side
+of every benchmark. Attribute names follow the released TORE / FastMETRO code so its state_dicts load."""
+from .itp import ImageTokenPruner, image_token_pruning
+from .mesh import Mesh
+from .projection import itp_loss, orthographic_projection, token_occupancy

@@ -1,0 +1,1 @@
+"""Functional form of every kernel (one module per op family)."""

@@ -4,3 +4,7 @@ of every benchmark. Attribute names follow the released TORE / FastMETRO code so
 from .itp import ImageTokenPruner, image_token_pruning
 from .mesh import Mesh
 from .projection import itp_loss, orthographic_projection, token_occupancy
+from .position_encoding import PositionEmbeddingSine, build_position_encoding
+from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
+                          TransformerEncoderLayer, build_transformer)
+from .fastmetro import FastMETROHead, ToreFastMETROHead, vertex_attention_mask

@@ -34,12 +34,12 @@ class Mesh:
     def _apply(x, matrices):
         if x.dim() < 3:  # one mesh [V, 3]
             for m in matrices:
-                x = torch.spmm(m.to(x.device), x)
+                x = torch.spmm(m.to(device=x.device, dtype=x.dtype), x)
             return x
         out = []
         for i in range(x.shape[0]):  # the released per-sample loop
             y = x[i]
             for m in matrices:
-                y = torch.spmm(m.to(y.device), y)
+                y = torch.spmm(m.to(device=y.device, dtype=y.dtype), y)
             out.append(y)
         return torch.stack(out, dim=0)

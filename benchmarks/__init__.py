@@ -1,0 +1,1 @@
+"""Microbenchmarks: tore-kernels vs the eager reference, side by side in one process (`tore-kernels bench`)."""

@@ -1,0 +1,169 @@
+"""tore_kernels.ops.upsample.mesh_upsample and tore_kernels.nn.mesh.MeshSampler against the released
+per-sample sampler (tore_reference.mesh.Mesh), on the generated default mesh and on FastMETRO's matrices."""
+import os
+
+import pytest
+import torch
+
+from tore_kernels.nn.mesh import MeshSampler
+from tore_kernels.ops.upsample import mesh_upsample
+from tore_kernels.topology import default_body_mesh, from_faces
+from tore_reference.mesh import Mesh
+
+# fp32: both sides accumulate <= 9 products of O(1) values; precomposing the chain only reorders the
+# rounding (~1e-7 relative). fp16 / bf16 run in fp32 and round once at the end: half an ulp of the output.
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12),
+       torch.float16: dict(rtol=2 ** -10, atol=2 ** -10), torch.bfloat16: dict(rtol=2 ** -7, atol=2 ** -7)}
+
+
+@pytest.fixture(params=["cpu", "reference"])
+def impl(request, monkeypatch):
+    monkeypatch.setenv("TORE_KERNELS_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def default_pair():
+    topo = default_body_mesh()
+    return MeshSampler(topo), Mesh(topo.upsampling, topo.downsampling)
+
+
+def reference_upsample(ref, x, n1=2, n2=0):
+    for level in reversed(range(n2, n1)):  # one level at a time, as the released model calls it
+        x = ref.upsample(x, n1=level + 1, n2=level)
+    return x
+
+
+@pytest.mark.parametrize("batch", [0, 1, 7, 32])
+def test_upsample_matches_released_loop(default_pair, impl, batch):
+    ours, ref = default_pair
+    x = torch.randn(batch, 431, 3, generator=torch.Generator().manual_seed(batch))
+    out = ours.upsample(x, n1=2, n2=0)
+    assert out.shape == (batch, 6890, 3) and out.dtype == torch.float32
+    if batch:
+        torch.testing.assert_close(out, reference_upsample(ref, x), **TOL[torch.float32])
+        torch.testing.assert_close(ours.upsample(x[0], n1=2, n2=0), reference_upsample(ref, x[0]), **TOL[torch.float32])
+
+
+def test_each_level_and_downsample(default_pair, impl):
+    ours, ref = default_pair
+    x = torch.randn(5, 1723, 3)
+    torch.testing.assert_close(ours.upsample(x), ref.upsample(x), **TOL[torch.float32])  # default 1 -> 0
+    y = torch.randn(5, 6890, 3)
+    torch.testing.assert_close(ours.downsample(y), ref.downsample(y), **TOL[torch.float32])  # 0 -> 2
+    torch.testing.assert_close(ours.downsample(y, n1=0, n2=1), ref.downsample(y, n1=0, n2=1), rtol=0, atol=0)
+    assert ours.upsample(x, n1=1, n2=1) is x and ours.downsample(y, n1=1, n2=1) is y
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided", "expanded"])
+def test_non_contiguous_input(default_pair, impl, layout):
+    ours, ref = default_pair
+    base = torch.randn(431, 6, 4)
+    x = {"transposed": base[..., :3].transpose(0, 1),
+         "strided": torch.randn(12, 431, 3)[::2],
+         "expanded": base[:, 0, :3].expand(6, 431, 3)}[layout]
+    assert not x.is_contiguous()
+    torch.testing.assert_close(ours.upsample(x, n1=2, n2=0), reference_upsample(ref, x.contiguous()),
+                               **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes(default_pair, dtype):
+    ours, ref = default_pair
+    x = torch.randn(3, 431, 3).to(dtype)
+    out = ours.upsample(x, n1=2, n2=0)
+    assert out.dtype == dtype
+    expected = reference_upsample(ref, x.float())
+    if dtype == torch.float64:
+        expected = reference_upsample(Mesh([u.double() for u in ref._U], ref._D), x)
+    torch.testing.assert_close(out, expected.to(dtype), **TOL[dtype])
+
+
+def test_gradients_match_released_loop(default_pair, impl):
+    ours, ref = default_pair
+    x = torch.randn(4, 431, 3, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    grad = torch.randn(4, 6890, 3)
+    (gx,) = torch.autograd.grad(ours.upsample(x, n1=2, n2=0), x, grad)
+    (gr,) = torch.autograd.grad(reference_upsample(ref, x_ref), x_ref, grad)
+    torch.testing.assert_close(gx, gr, **TOL[torch.float32])
+
+
+def test_gradcheck_float64(default_pair, impl):
+    ours, _ = default_pair
+    x = torch.randn(2, 431, 3, dtype=torch.float64, requires_grad=True)
+    # fast mode: the full Jacobian has 6890*3*2 rows; fast mode checks random projections of it
+    assert torch.autograd.gradcheck(lambda v: ours.upsample(v, n1=2, n2=0), (x,), fast_mode=True)
+    assert torch.autograd.gradgradcheck(lambda v: ours.upsample(v, n1=2, n2=0), (x,), fast_mode=True)
+
+
+def test_gradcheck_full_jacobian_small_chain(impl):
+    """Full (slow-mode) gradcheck on a small random chain, both for [B, V, C] and [V, C] inputs."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(9, 5, generator=g).masked_fill(torch.rand(9, 5, generator=g) < 0.5, 0).to_sparse()
+    b = torch.randn(11, 9, generator=g).masked_fill(torch.rand(11, 9, generator=g) < 0.5, 0).to_sparse_csr()
+    for shape in [(3, 5, 2), (5, 4)]:
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda v: mesh_upsample(v, [a, b]), (x,))
+        columns = x if x.dim() == 2 else x.transpose(0, 1).reshape(5, -1)  # [V, B*C]
+        expected = b.to_dense().double() @ a.to_dense().double() @ columns
+        out = mesh_upsample(x, [a, b])
+        if x.dim() == 3:
+            out = out.transpose(0, 1).reshape(11, -1)
+        torch.testing.assert_close(out, expected, **TOL[torch.float64])
+
+
+def test_cache_sees_in_place_changes(impl):
+    u = default_body_mesh().upsampling[1].clone()
+    x = torch.randn(2, 431, 3)
+    first = mesh_upsample(x, [u])
+    u.mul_(2.0)  # bumps the version: the cached CSR copy must not be reused
+    torch.testing.assert_close(mesh_upsample(x, [u]), 2 * first, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda u: (torch.zeros(2, 431, 3, dtype=torch.int64), [u]), TypeError, "x: expected a floating"),
+    (lambda u: (torch.zeros(1, 2, 431, 3), [u]), ValueError, r"x: expected \[B, V, C\]"),
+    (lambda u: ([[0.0] * 3] * 431, [u]), TypeError, "x: expected a torch.Tensor"),
+    (lambda u: (torch.zeros(2, 430, 3), [u]), ValueError, r"matrices\[0\]: has 431 columns, expected 430"),
+    (lambda u: (torch.zeros(2, 431, 3), []), TypeError, "matrices: expected a non-empty"),
+    (lambda u: (torch.zeros(2, 431, 3), u), TypeError, "matrices: expected a non-empty sequence"),
+    (lambda u: (torch.zeros(2, 431, 3), [u.to_dense()]), TypeError, r"matrices\[0\]: expected a sparse"),
+    (lambda u: (torch.zeros(2, 431, 3), [u, u]), ValueError, r"matrices\[1\]: has 431 columns, expected 1723"),
+])
+def test_validation(make, error, match):
+    x, matrices = make(default_body_mesh().upsampling[1])
+    with pytest.raises(error, match=match):
+        mesh_upsample(x, matrices)
+
+
+def test_sampler_validation(default_pair):
+    ours, _ = default_pair
+    with pytest.raises(TypeError, match="topology"):
+        MeshSampler(object())
+    with pytest.raises(ValueError, match="single-level"):
+        MeshSampler(from_faces([[0, 1, 2]]))
+    with pytest.raises(TypeError, match="_U and _D"):
+        MeshSampler.from_sampler(object())
+    with pytest.raises(ValueError, match="levels"):
+        ours.upsample(torch.zeros(1, 431, 3), n1=3, n2=0)
+    with pytest.raises(ValueError, match="levels"):
+        ours.downsample(torch.zeros(1, 6890, 3), n1=-1, n2=1)
+    assert ours.num_vertices == (6890, 1723, 431) and ours.num_downsampling == 2
+
+
+def test_from_sampler_on_real_matrices(fastmetro_data, impl):
+    ref = Mesh.from_fastmetro(os.path.join(fastmetro_data, "mesh_downsampling.npz"))
+    ours = MeshSampler.from_sampler(ref)
+    assert ours.num_vertices == (6890, 1723, 431)
+    x = torch.randn(9, 431, 3)
+    torch.testing.assert_close(ours.upsample(x, n1=2, n2=0), reference_upsample(ref, x), **TOL[torch.float32])
+    torch.testing.assert_close(ours.upsample(x[0], n1=2, n2=1), ref.upsample(x[0], n1=2, n2=1), **TOL[torch.float32])
+    y = torch.randn(3, 6890, 3)
+    torch.testing.assert_close(ours.downsample(y), ref.downsample(y), rtol=0, atol=0)
+    xg = x.clone().requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    grad = torch.randn(9, 6890, 3)
+    (gx,) = torch.autograd.grad(ours.upsample(xg, n1=2, n2=0), xg, grad)
+    (gr,) = torch.autograd.grad(reference_upsample(ref, xr), xr, grad)
+    torch.testing.assert_close(gx, gr, **TOL[torch.float32])

@@ -106,12 +106,12 @@ def extensions():
     here = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     openmp = ["-fopenmp"] if sys.platform == "linux" else []  # at::parallel_for uses OpenMP
-    cxx = ["-O3", "-std=c++17"] + openmp
+    cxx = ["-O3", "-std=c++20"] + openmp
     ldflags = list(openmp)
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if toolkit else ""
     macros = [("TORE_CUDA_ARCHS", f'"{archs}"'), ("Py_LIMITED_API", "0x030A0000")]
     if flag("TORE_KERNELS_SANITIZE"):
-        cxx = ["-O1", "-g", "-std=c++17", "-fno-omit-frame-pointer", "-fsanitize=address,undefined"] + openmp
+        cxx = ["-O1", "-g", "-std=c++20", "-fno-omit-frame-pointer", "-fsanitize=address,undefined"] + openmp
         ldflags = ["-fsanitize=address,undefined"] + openmp
     kwargs = dict(name="tore_kernels._C", include_dirs=[os.path.join(here, "csrc")],
                   extra_link_args=ldflags, define_macros=macros, py_limited_api=True)
@@ -119,7 +119,7 @@ def extensions():
         sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
         macros.append(("TORE_WITH_CUDA", None))
         ext = CUDAExtension(sources=sources, extra_compile_args={
-            "cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]}, **kwargs)
+            "cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]}, **kwargs)
     else:
         ext = CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
     return [ext], {"build_ext": BuildExtension}

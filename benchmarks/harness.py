@@ -1,0 +1,387 @@
+"""Side-by-side timing of tore-kernels against the eager reference, in one process.
+
+An entry module ``benchmarks/bench_<family>.py`` registers generator functions::
+
+    from tore_benchmarks.harness import Case, entry
+
+    @entry("projection")
+    def projection(device, quick):
+        x = torch.randn(32, 6890, 3, device=device)      # inputs built once, outside the callables
+        yield Case("projection", {"batch": 32}, {"eager": lambda: ref(x), "tore": lambda: fast(x)})
+
+The first variant of a case is its baseline; every other variant gets ratio = baseline / variant
+(> 1 means faster). Variants are alternated within each repetition so that drift in machine load
+hits all of them alike; the median of the repetitions is reported with its IQR and min/max.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import gc
+import importlib
+import importlib.util
+import json
+import math
+import os
+import pkgutil
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+_Factory = Callable[[torch.device, bool], Iterable["Case"]]
+_ENTRIES: dict[str, _Factory] = {}
+
+# (warm-up calls, repetitions, seconds per measurement): a measurement repeats the call until it
+# lasts about that long, so that sub-millisecond kernels are not timed at the clock's resolution.
+SETTINGS = {False: (3, 15, 0.05), True: (1, 5, 0.01)}
+
+CSV_FIELDS = ("timestamp", "entry", "params", "variant", "baseline", "status", "median_ms", "q1_ms", "q3_ms",
+              "min_ms", "max_ms", "reps", "calls_per_rep", "ratio_vs_baseline", "device", "device_name",
+              "cpu_model", "torch_threads", "load_avg_1m", "python", "torch", "torch_cuda", "triton",
+              "tore_kernels", "git_commit")
+
+
+@dataclass
+class Case:
+    entry: str
+    params: dict[str, Any]
+    variants: dict[str, Callable[[], Any]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.params, dict):
+            raise TypeError(f"Case({self.entry!r}): params must be a dict, got {type(self.params).__name__}")
+        if not isinstance(self.variants, dict) or len(self.variants) < 2:
+            raise ValueError(f"Case({self.entry!r}): variants must be a dict of at least two callables "
+                             "(the first is the baseline)")
+        for name, fn in self.variants.items():
+            if not callable(fn):
+                raise TypeError(f"Case({self.entry!r}): variant {name!r} is not callable")
+
+
+def entry(name: str) -> Callable[[_Factory], _Factory]:
+    """Register ``fn(device, quick) -> Iterable[Case]`` as the benchmark entry ``name``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"entry(name): expected a non-empty string, got {name!r}")
+
+    def register(fn: _Factory) -> _Factory:
+        old = _ENTRIES.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (fn.__module__, fn.__qualname__):
+            raise ValueError(f"benchmark entry {name!r} is defined twice: in {old.__module__} and {fn.__module__}")
+        _ENTRIES[name] = fn
+        return fn
+    return register
+
+
+def discover() -> dict[str, _Factory]:
+    """Import every ``bench_*`` module of this package and return the registered entries by name."""
+    package = sys.modules[__name__.rpartition(".")[0]] if "." in __name__ else None
+    paths = package.__path__ if package is not None else [os.path.dirname(os.path.abspath(__file__))]
+    prefix = package.__name__ + "." if package is not None else ""
+    for info in sorted(pkgutil.iter_modules(paths), key=lambda m: m.name):
+        if info.name.startswith("bench_"):
+            importlib.import_module(prefix + info.name)
+    return dict(_ENTRIES)
+
+
+# ----------------------------------------------------------------------------------------- timing
+
+def _timer(device: torch.device) -> Callable[[Callable[[], Any], int], float]:
+    """Seconds taken by ``calls`` calls of ``fn``, waiting for the device to finish."""
+    if device.type == "cuda":
+        def cuda_time(fn, calls):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        return cuda_time
+
+    def cpu_time(fn, calls):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return time.perf_counter() - start
+    return cpu_time
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    pos = (len(sorted_values) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def _calls_per_measurement(timer, fn, target: float) -> int:
+    """Like timeit's autorange: double the calls until they take ``target`` seconds (one slow outlier
+    from a busy machine then cannot make every later measurement a single call)."""
+    calls = 1
+    while calls < 4096:
+        elapsed = timer(fn, calls)
+        if elapsed >= target:
+            break
+        calls = min(4096, calls * 2 if elapsed < target / 4 else max(calls + 1, math.ceil(calls * target / elapsed)))
+    return calls
+
+
+def time_case(case: Case, device: torch.device, quick: bool = False) -> list[dict[str, Any]]:
+    """Time every variant of ``case``; one result dict per variant (times in ms per call)."""
+    warmup, reps, target = SETTINGS[bool(quick)]
+    timer = _timer(device)
+    names = list(case.variants)
+    calls, errors = {}, {}
+    for name in names:  # warm up (compilation, caches, allocator) and size each measurement
+        try:
+            for _ in range(warmup):
+                case.variants[name]()
+            calls[name] = _calls_per_measurement(timer, case.variants[name], target)
+        except Exception as exc:  # recorded in the row: one broken variant does not stop the run
+            errors[name] = f"{type(exc).__name__}: {exc}"
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    live = [name for name in names if name in calls]
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for rep in range(reps if live else 0):
+            # rotate the order so that no variant always runs first (or right after the baseline)
+            for name in live[rep % len(live):] + live[:rep % len(live)]:
+                if name in errors:
+                    continue
+                try:
+                    samples[name].append(timer(case.variants[name], calls[name]) / calls[name] * 1e3)
+                except Exception as exc:
+                    errors[name] = f"{type(exc).__name__}: {exc}"
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+    rows = []
+    for name in names:
+        row = {"entry": case.entry, "params": dict(case.params), "variant": name, "baseline": names[0],
+               "status": "ok", "median_ms": None, "q1_ms": None, "q3_ms": None, "min_ms": None, "max_ms": None,
+               "reps": 0, "calls_per_rep": calls.get(name, 0), "ratio_vs_baseline": None}
+        if name in errors:
+            row["status"] = "error: " + errors[name]
+        else:
+            values = sorted(samples[name])
+            row.update(median_ms=statistics.median(values), q1_ms=_quantile(values, 0.25),
+                       q3_ms=_quantile(values, 0.75), min_ms=values[0], max_ms=values[-1], reps=len(values))
+        rows.append(row)
+    base = rows[0]["median_ms"]
+    for row in rows:
+        if base is not None and row["median_ms"]:
+            row["ratio_vs_baseline"] = base / row["median_ms"]
+    return rows
+
+
+# -------------------------------------------------------------------------------------- metadata
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What every result row is stamped with."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = ""
+    try:
+        import tore_kernels
+        tore_version = tore_kernels.__version__
+    except Exception as exc:
+        tore_version = f"unavailable ({type(exc).__name__})"
+    return {
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        "cpu_model": _cpu_model(),
+        "torch_threads": torch.get_num_threads(),
+        # other processes competing for the cores make CPU timings unreliable: keep the evidence
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda or "",
+        "triton": triton_version,
+        "tore_kernels": tore_version,
+        "git_commit": _git_commit(),
+    }
+
+
+# ---------------------------------------------------------------------------------------- output
+
+def _params_text(params: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in params.items())
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no benchmark cases)"
+    header = ("entry", "params", "variant", "median ms", "IQR ms", "min-max ms", "ratio")
+    body = []
+    for r in rows:
+        iqr = None if r["q1_ms"] is None else r["q3_ms"] - r["q1_ms"]
+        minmax = "-" if r["min_ms"] is None else f"{r['min_ms']:.4g}-{r['max_ms']:.4g}"
+        ratio = _fmt(r["ratio_vs_baseline"], ".2f") + ("x" if r["ratio_vs_baseline"] is not None else "")
+        if r["status"] != "ok":
+            ratio = r["status"][:60]
+        body.append((r["entry"], _params_text(r["params"]), r["variant"], _fmt(r["median_ms"], ".4g"),
+                     _fmt(iqr, ".2g"), minmax, ratio))
+    widths = [max(len(str(line[i])) for line in [header] + body) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header] + body]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**{k: r.get(k) for k in CSV_FIELDS}, "params": json.dumps(r["params"], sort_keys=True)})
+
+
+def _write_plot(path: str, rows: list[dict[str, Any]], env: dict[str, Any]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [r for r in rows if r["variant"] != r["baseline"] and r["ratio_vs_baseline"] is not None]
+    labels = [f"{r['entry']} {_params_text(r['params'])} [{r['variant']}]" for r in bars]
+    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.35 * max(1, len(bars))))
+    ax.barh(range(len(bars)), [r["ratio_vs_baseline"] for r in bars], color="tab:blue")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(bars)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up over the baseline (baseline median / variant median)")
+    ax.set_title(f"tore-kernels {env['tore_kernels']} on {env['device_name']} ({env['torch_threads']} threads)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class _Progress:
+    """tqdm on a terminal when installed, else one plain line per case on stderr (CI logs)."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        self.enabled = enabled
+        self.count = 0
+        if enabled and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(unit="case", file=sys.stderr, dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def step(self, label: str) -> None:
+        self.count += 1
+        if self.bar is not None:
+            self.bar.set_description(label[:60])
+            self.bar.update(1)
+        elif self.enabled:
+            print(f"[{self.count}] {label}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ------------------------------------------------------------------------------------------- run
+
+def run(entries: Iterable[str] | None = None, device: str | torch.device = "cpu", quick: bool = False,
+        out_dir: str | os.PathLike | None = "bench-results", plot: bool = False, progress: bool = True,
+        print_table: bool = True) -> dict[str, Any]:
+    """Run the named entries (all discovered ones when None) and write CSV/JSON (and PNG) to ``out_dir``.
+
+    Returns ``{"environment": ..., "results": [row, ...], "files": {"csv": ..., "json": ..., "png": ...}}``;
+    a row's ``status`` is ``"ok"`` or ``"error: ..."``.
+    """
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu' or 'cuda', got {str(device)!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("plot=True needs matplotlib: pip install 'tore-kernels[bench]'")
+    available = discover()
+    if entries is None:
+        names = sorted(available)
+    else:
+        names = list(dict.fromkeys(entries))
+        unknown = [n for n in names if n not in available]
+        if unknown:
+            raise ValueError(f"unknown benchmark entr{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+                             f"available: {', '.join(sorted(available)) or '(none)'}")
+    env = environment(device)
+    rows: list[dict[str, Any]] = []
+    bar = _Progress(progress)
+    try:
+        for name in names:
+            try:
+                for case in available[name](device, quick):
+                    bar.step(f"{name} {_params_text(case.params)}")
+                    rows += [{**env, **row} for row in time_case(case, device, quick)]
+            except Exception as exc:  # an entry that cannot even build its cases is reported, not fatal
+                rows.append({**env, "entry": name, "params": {}, "variant": "-", "baseline": "-",
+                             "status": f"error: {type(exc).__name__}: {exc}", "median_ms": None, "q1_ms": None,
+                             "q3_ms": None, "min_ms": None, "max_ms": None, "reps": 0, "calls_per_rep": 0,
+                             "ratio_vs_baseline": None})
+    finally:
+        bar.close()
+
+    files: dict[str, str] = {}
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        stem = os.path.join(os.fspath(out_dir), f"bench-{device.type}-{env['timestamp'].replace(':', '')}")
+        files["csv"], files["json"] = stem + ".csv", stem + ".json"
+        _write_csv(files["csv"], rows)
+        with open(files["json"], "w") as f:
+            json.dump({"environment": env, "results": [{k: r[k] for k in r if k not in env} for r in rows]},
+                      f, indent=1)
+        if plot:
+            files["png"] = stem + ".png"
+            _write_plot(files["png"], rows, env)
+    if print_table:
+        print(format_table(rows))
+        print(f"\n{env['device_name']}, {env['torch_threads']} torch threads, torch {env['torch']}, "
+              f"triton {env['triton'] or '-'}, tore-kernels {env['tore_kernels']}, "
+              f"commit {env['git_commit'][:10] or '-'}")
+        if env["load_avg_1m"] is not None and env["load_avg_1m"] > (os.cpu_count() or 1):
+            print(f"note: load average {env['load_avg_1m']} on {os.cpu_count()} CPUs at the start: "
+                  "other processes competed for the cores, so these timings are noisy")
+        for kind, path in files.items():
+            print(f"{kind}: {path}")
+    return {"environment": env, "results": rows, "files": files}

@@ -1,0 +1,482 @@
+// Neighbour-list ("adjacency-masked") attention on CPU.
+//
+// Query row i of every (batch, head) attends to the keys `shared[0..P)` (columns open for every sparse
+// row, e.g. FastMETRO's joint tokens) followed by `index[i, 0..count[i])`. A row with count[i] < 0 is
+// handled by the caller (a dense row) and is skipped here: zero output, zero gradient. Scores are only
+// formed for those pairs; gathered keys/values are never materialised. q/k/v are [B, H, L|S, d] with
+// arbitrary strides (views of the in-projection output).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace tore_kernels {
+namespace {
+
+struct View4 {  // a [B, H, N, d] tensor through its strides
+  int64_t s0, s1, s2, s3;
+  explicit View4(const at::Tensor& t) : s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)), s3(t.stride(3)) {}
+  int64_t row(int64_t b, int64_t h, int64_t n) const { return b * s0 + h * s1 + n * s2; }
+};
+
+struct Table {
+  const int32_t* index;
+  const int32_t* count;
+  const int32_t* shared;
+  int64_t width, num_shared;
+  // the j-th key of row i (j < num_shared + count[i])
+  int64_t key(int64_t i, int64_t j) const {
+    return j < num_shared ? shared[j] : index[i * width + (j - num_shared)];
+  }
+  int64_t degree(int64_t i) const { return count[i] < 0 ? -1 : num_shared + count[i]; }
+};
+
+void check_table(const at::Tensor& index, const at::Tensor& count, const at::Tensor& shared, int64_t L, int64_t S) {
+  TORCH_CHECK(index.dim() == 2 && index.size(0) == L && index.scalar_type() == at::kInt && index.is_contiguous(),
+              "adjacency_attention: index must be a contiguous int32 [L, max_degree] tensor with L = ", L,
+              ", got ", index.sizes(), " ", index.scalar_type());
+  TORCH_CHECK(count.dim() == 1 && count.size(0) == L && count.scalar_type() == at::kInt && count.is_contiguous(),
+              "adjacency_attention: count must be a contiguous int32 [L] tensor with L = ", L);
+  TORCH_CHECK(shared.dim() == 1 && shared.scalar_type() == at::kInt && shared.is_contiguous(),
+              "adjacency_attention: shared must be a contiguous int32 [P] tensor");
+  TORCH_CHECK(index.device().is_cpu() && count.device().is_cpu() && shared.device().is_cpu(),
+              "adjacency_attention: the neighbour table must be on the CPU");
+  const int32_t* idx = index.data_ptr<int32_t>();
+  const int32_t* cnt = count.data_ptr<int32_t>();
+  const int32_t* sh = shared.data_ptr<int32_t>();
+  const int64_t width = index.size(1);
+  for (int64_t j = 0; j < shared.numel(); ++j)
+    TORCH_CHECK(sh[j] >= 0 && sh[j] < S, "adjacency_attention: shared[", j, "] = ", sh[j], " is outside [0, ", S, ")");
+  for (int64_t i = 0; i < L; ++i) {
+    TORCH_CHECK(cnt[i] <= width, "adjacency_attention: count[", i, "] = ", cnt[i], " exceeds the table width ", width);
+    TORCH_CHECK(cnt[i] < 0 || cnt[i] + shared.numel() > 0, "adjacency_attention: query row ", i, " has no key");
+    for (int64_t j = 0; j < cnt[i]; ++j) {
+      const int32_t c = idx[i * width + j];
+      TORCH_CHECK(c >= 0 && c < S, "adjacency_attention: index[", i, ", ", j, "] = ", c, " is outside [0, ", S, ")");
+    }
+  }
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "adjacency_attention: q, k, v must be [B, H, N, d]");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "adjacency_attention: the CPU kernel takes CPU tensors");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "adjacency_attention: q, k, v must share a dtype");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3) && v.sizes() == k.sizes(),
+              "adjacency_attention: shapes q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), " do not match");
+}
+
+// out is [B, H, L, d] stored as BHLd (0), BLHd (1) or LBHd (2) so the output projection reads it in place.
+at::Tensor empty_out(const at::Tensor& q, int64_t layout) {
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = q.size(3);
+  std::vector<int64_t> sizes{B, H, L, d}, strides;
+  if (layout == 0) strides = {H * L * d, L * d, d, 1};
+  else if (layout == 1) strides = {L * H * d, d, H * d, 1};
+  else if (layout == 2) strides = {H * d, d, B * H * d, 1};
+  else TORCH_CHECK(false, "adjacency_attention: layout must be 0 (BHLd), 1 (BLHd) or 2 (LBHd), got ", layout);
+  return at::empty_strided(sizes, strides, q.options());
+}
+
+// Kernels are instantiated for the usual head dims with a unit-stride last dim (the inner loops then
+// vectorise) and once for any d / stride. Heads are the innermost loop over a row's neighbours: in the
+// in-projection's [L, B, 3, H, d] output the H heads of one key are adjacent, so each neighbour costs one
+// contiguous read instead of H scattered ones.
+template <typename scalar_t, int D, bool UNIT>
+struct Kernels {
+  using acc_t = at::opmath_type<scalar_t>;
+
+  static int64_t dim(int64_t d) { return D > 0 ? D : d; }
+  static int64_t st(int64_t s) { return UNIT ? 1 : s; }
+
+  static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Table& tab, double scale,
+                      at::Tensor& out, at::Tensor& lse) {
+    const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = dim(q.size(3));
+    const View4 qv(q), kv(k), vv(v), ov(out);
+    const int64_t qs = st(qv.s3), ks = st(kv.s3), vs = st(vv.s3), os = st(ov.s3);
+    const scalar_t* qp = q.const_data_ptr<scalar_t>();
+    const scalar_t* kp = k.const_data_ptr<scalar_t>();
+    const scalar_t* vp = v.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    acc_t* lp = lse.data_ptr<acc_t>();
+    const int64_t max_deg = std::max<int64_t>(tab.num_shared + tab.width, 1);
+    at::parallel_for(0, B * L, 16, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> qrow(H * d), acc(H * d), score(H * max_deg), mx(H), sum(H);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / L, i = r % L;
+        const int64_t deg = tab.degree(i);
+        if (deg < 0) {  // a dense row, computed by the caller
+          for (int64_t h = 0; h < H; ++h) {
+            scalar_t* o = op + ov.row(b, h, i);
+            for (int64_t c = 0; c < d; ++c) o[c * os] = scalar_t(0);
+            lp[(b * H + h) * L + i] = acc_t(0);
+          }
+          continue;
+        }
+        for (int64_t h = 0; h < H; ++h) {
+          const scalar_t* qr = qp + qv.row(b, h, i);
+          for (int64_t c = 0; c < d; ++c) qrow[h * d + c] = acc_t(qr[c * qs]) * acc_t(scale);
+          mx[h] = -std::numeric_limits<acc_t>::infinity();
+          sum[h] = 0;
+        }
+        for (int64_t j = 0; j < deg; ++j) {
+          const int64_t key = tab.key(i, j);
+          for (int64_t h = 0; h < H; ++h) {
+            const scalar_t* kr = kp + kv.row(b, h, key);
+            const acc_t* qh = qrow.data() + h * d;
+            acc_t s = 0;
+            for (int64_t c = 0; c < d; ++c) s += qh[c] * acc_t(kr[c * ks]);
+            score[h * max_deg + j] = s;
+            mx[h] = std::max(mx[h], s);
+          }
+        }
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t j = 0; j < deg; ++j) {
+          const int64_t key = tab.key(i, j);
+          for (int64_t h = 0; h < H; ++h) {
+            const acc_t p = std::exp(score[h * max_deg + j] - mx[h]);
+            sum[h] += p;
+            const scalar_t* vr = vp + vv.row(b, h, key);
+            acc_t* ah = acc.data() + h * d;
+            for (int64_t c = 0; c < d; ++c) ah[c] += p * acc_t(vr[c * vs]);
+          }
+        }
+        for (int64_t h = 0; h < H; ++h) {
+          scalar_t* o = op + ov.row(b, h, i);
+          const acc_t inv = acc_t(1) / sum[h];
+          for (int64_t c = 0; c < d; ++c) o[c * os] = scalar_t(acc[h * d + c] * inv);
+          lp[(b * H + h) * L + i] = mx[h] + std::log(sum[h]);
+        }
+      }
+    });
+  }
+
+  static void backward(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& out, const at::Tensor& lse, const Table& tab, double scale, at::Tensor& dq,
+                       at::Tensor& dk, at::Tensor& dv) {
+    const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = dim(q.size(3)), S = k.size(2);
+    const View4 gv(go), qv(q), kv(k), vv(v), ov(out), dqv(dq), dkv(dk), dvv(dv);
+    const int64_t gs = st(gv.s3), qs = st(qv.s3), ks = st(kv.s3), vs = st(vv.s3), os = st(ov.s3);
+    const scalar_t* gp = go.const_data_ptr<scalar_t>();
+    const scalar_t* qp = q.const_data_ptr<scalar_t>();
+    const scalar_t* kp = k.const_data_ptr<scalar_t>();
+    const scalar_t* vp = v.const_data_ptr<scalar_t>();
+    const scalar_t* op = out.const_data_ptr<scalar_t>();
+    const acc_t* lp = lse.const_data_ptr<acc_t>();
+    scalar_t* dqp = dq.data_ptr<scalar_t>();
+    scalar_t* dkp = dk.data_ptr<scalar_t>();
+    scalar_t* dvp = dv.data_ptr<scalar_t>();
+    const acc_t sc = acc_t(scale);
+    // One task per (batch, head): it owns dk[b, h] and dv[b, h], so the scatter-adds need no atomics.
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> dk_acc(S * d), dv_acc(S * d), qrow(d), grow(d), dqrow(d);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
+        std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
+        for (int64_t i = 0; i < L; ++i) {
+          scalar_t* dqr = dqp + dqv.row(b, h, i);
+          const int64_t deg = tab.degree(i);
+          if (deg < 0) {
+            for (int64_t c = 0; c < d; ++c) dqr[c * dqv.s3] = scalar_t(0);
+            continue;
+          }
+          const scalar_t* qr = qp + qv.row(b, h, i);
+          const scalar_t* gr = gp + gv.row(b, h, i);
+          const scalar_t* orow = op + ov.row(b, h, i);
+          acc_t delta = 0;
+          for (int64_t c = 0; c < d; ++c) {
+            qrow[c] = acc_t(qr[c * qs]);
+            grow[c] = acc_t(gr[c * gs]);
+            delta += grow[c] * acc_t(orow[c * os]);
+            dqrow[c] = 0;
+          }
+          const acc_t l = lp[bh * L + i];
+          for (int64_t j = 0; j < deg; ++j) {
+            const int64_t key = tab.key(i, j);
+            const scalar_t* kr = kp + kv.row(b, h, key);
+            const scalar_t* vr = vp + vv.row(b, h, key);
+            acc_t s = 0, dp = 0;
+            for (int64_t c = 0; c < d; ++c) {
+              s += qrow[c] * acc_t(kr[c * ks]);
+              dp += grow[c] * acc_t(vr[c * vs]);
+            }
+            const acc_t pj = std::exp(s * sc - l);
+            const acc_t ds = pj * (dp - delta) * sc;
+            acc_t* dkr = dk_acc.data() + key * d;
+            acc_t* dvr = dv_acc.data() + key * d;
+            for (int64_t c = 0; c < d; ++c) {
+              dqrow[c] += ds * acc_t(kr[c * ks]);
+              dkr[c] += ds * qrow[c];
+              dvr[c] += pj * grow[c];
+            }
+          }
+          for (int64_t c = 0; c < d; ++c) dqr[c * dqv.s3] = scalar_t(dqrow[c]);
+        }
+        for (int64_t n = 0; n < S; ++n) {
+          scalar_t* dkr = dkp + dkv.row(b, h, n);
+          scalar_t* dvr = dvp + dvv.row(b, h, n);
+          for (int64_t c = 0; c < d; ++c) {
+            dkr[c * dkv.s3] = scalar_t(dk_acc[n * d + c]);
+            dvr[c * dvv.s3] = scalar_t(dv_acc[n * d + c]);
+          }
+        }
+      }
+    });
+  }
+
+  static void probs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse, const Table& tab, double scale,
+                    at::Tensor& probs) {
+    const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = dim(q.size(3));
+    const int64_t width = probs.size(3);
+    const View4 qv(q), kv(k);
+    const int64_t qs = st(qv.s3), ks = st(kv.s3);
+    const scalar_t* qp = q.const_data_ptr<scalar_t>();
+    const scalar_t* kp = k.const_data_ptr<scalar_t>();
+    const acc_t* lp = lse.const_data_ptr<acc_t>();
+    scalar_t* pp = probs.data_ptr<scalar_t>();
+    at::parallel_for(0, B * H * L, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / (H * L), h = (r / L) % H, i = r % L;
+        scalar_t* pr = pp + r * width;
+        const int64_t deg = std::max<int64_t>(tab.degree(i), 0);
+        const scalar_t* qr = qp + qv.row(b, h, i);
+        for (int64_t j = 0; j < deg; ++j) {
+          const scalar_t* kr = kp + kv.row(b, h, tab.key(i, j));
+          acc_t s = 0;
+          for (int64_t c = 0; c < d; ++c) s += acc_t(qr[c * qs]) * acc_t(kr[c * ks]);
+          pr[j] = scalar_t(std::exp(s * acc_t(scale) - lp[r]));
+        }
+        for (int64_t j = deg; j < width; ++j) pr[j] = scalar_t(0);
+      }
+    });
+  }
+};
+
+// ---- fp32 forward with all heads of a row fused ---------------------------------------------------------
+// When each [H, d] block of q/k/v/out is contiguous (the in-projection's output viewed per head), one
+// neighbour is one contiguous H*d read and the scores of all heads exponentiate together. Built for
+// x86-64-v3 (AVX2+FMA) and for the baseline ISA, picked at load time by CPU features (target_clones; an
+// "arch=<cpu>" clone would only match that CPU model), since the extension is compiled
+// for generic x86-64.
+struct FusedF32 {
+  const float *q, *k, *v;
+  float *o, *lse;
+  int64_t qb, qi, kb, kn, vb, vn, ob, oi;  // batch and token strides; the [H, d] block is contiguous
+  int64_t B, H, L, d;
+  Table tab;
+  float scale;
+  bool batch_inner;
+};
+
+// exp(x) for x <= 0 (scores minus their row max): 2^n * e^r with |r| <= ln2/2, degree-6 Taylor
+// polynomial (relative error < 2e-7); plain arithmetic so the compiler vectorises it across heads.
+static inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float t = x * 1.4426950408889634f;
+  const int32_t n = -static_cast<int32_t>(0.5f - t);  // round(t) for t <= 0
+  const float fn = static_cast<float>(n);
+  const float r = (x - fn * 0.693145751953125f) - fn * 1.428606765330187e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (n + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(float));
+  return p * two_n;
+}
+
+// One row (b, i), all heads; DIM > 0 fixes the head dim at compile time so the per-head loops unroll.
+template <int64_t DIM>
+static inline __attribute__((always_inline)) void fused_f32_row(const FusedF32& a, int64_t r, float* qs, float* acc,
+                                                                float* score, float* mx, float* sum) {
+  const int64_t H = a.H, d = DIM > 0 ? DIM : a.d, HD = H * d;
+  // walk rows in q's memory order: token-major when the batch stride is the smaller one (seq-first input)
+  const int64_t b = a.batch_inner ? r % a.B : r / a.L, i = a.batch_inner ? r / a.B : r % a.L;
+  float* o = a.o + b * a.ob + i * a.oi;
+  const int64_t deg = a.tab.degree(i);
+  if (deg < 0) {
+    for (int64_t c = 0; c < HD; ++c) o[c] = 0.0f;
+    for (int64_t h = 0; h < H; ++h) a.lse[(b * H + h) * a.L + i] = 0.0f;
+    return;
+  }
+  const float* qr = a.q + b * a.qb + i * a.qi;
+  for (int64_t c = 0; c < HD; ++c) qs[c] = qr[c] * a.scale;
+  for (int64_t h = 0; h < H; ++h) mx[h] = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < deg; ++j) {
+    const float* kr = a.k + b * a.kb + a.tab.key(i, j) * a.kn;
+    float* sj = score + j * H;
+    for (int64_t h = 0; h < H; ++h) {
+      float s = 0.0f;
+      for (int64_t c = 0; c < d; ++c) s += qs[h * d + c] * kr[h * d + c];
+      sj[h] = s;
+    }
+    for (int64_t h = 0; h < H; ++h) mx[h] = mx[h] > sj[h] ? mx[h] : sj[h];
+  }
+  for (int64_t h = 0; h < H; ++h) sum[h] = 0.0f;
+  for (int64_t j = 0; j < deg; ++j) {
+    float* sj = score + j * H;
+    for (int64_t h = 0; h < H; ++h) {
+      sj[h] = exp_nonpositive(sj[h] - mx[h]);
+      sum[h] += sj[h];
+    }
+  }
+  for (int64_t c = 0; c < HD; ++c) acc[c] = 0.0f;
+  for (int64_t j = 0; j < deg; ++j) {
+    const float* vr = a.v + b * a.vb + a.tab.key(i, j) * a.vn;
+    const float* sj = score + j * H;
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t c = 0; c < d; ++c) acc[h * d + c] += sj[h] * vr[h * d + c];
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    const float inv = 1.0f / sum[h];
+    for (int64_t c = 0; c < d; ++c) o[h * d + c] = acc[h * d + c] * inv;
+    a.lse[(b * H + h) * a.L + i] = mx[h] + std::log(sum[h]);
+  }
+}
+
+// scratch: qs, acc [H*d]; score [max_deg*H]; mx, sum [H] (allocated by the caller, outside the clones)
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+static void fused_f32_rows(const FusedF32& a, int64_t begin, int64_t end, float* scratch) {
+  const int64_t HD = a.H * a.d, max_deg = std::max<int64_t>(a.tab.num_shared + a.tab.width, 1);
+  float *qs = scratch, *acc = qs + HD, *score = acc + HD, *mx = score + max_deg * a.H, *sum = mx + a.H;
+  if (a.d == 16) {
+    for (int64_t r = begin; r < end; ++r) fused_f32_row<16>(a, r, qs, acc, score, mx, sum);
+  } else if (a.d == 32) {
+    for (int64_t r = begin; r < end; ++r) fused_f32_row<32>(a, r, qs, acc, score, mx, sum);
+  } else if (a.d == 64) {
+    for (int64_t r = begin; r < end; ++r) fused_f32_row<64>(a, r, qs, acc, score, mx, sum);
+  } else {
+    for (int64_t r = begin; r < end; ++r) fused_f32_row<0>(a, r, qs, acc, score, mx, sum);
+  }
+}
+
+bool heads_fused(const at::Tensor& t) {
+  return t.size(3) <= 1 || (t.stride(3) == 1 && (t.size(1) <= 1 || t.stride(1) == t.size(3)));
+}
+
+bool try_fused_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Table& tab, double scale,
+                   at::Tensor& out, at::Tensor& lse) {
+  if (q.scalar_type() != at::kFloat || !heads_fused(q) || !heads_fused(k) || !heads_fused(v) || !heads_fused(out))
+    return false;
+  FusedF32 a{q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(), out.data_ptr<float>(),
+             lse.data_ptr<float>(), q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
+             out.stride(0), out.stride(2), q.size(0), q.size(1), q.size(2), q.size(3), tab, static_cast<float>(scale),
+             q.stride(0) < q.stride(2)};
+  const int64_t max_deg = std::max<int64_t>(tab.num_shared + tab.width, 1);
+  at::parallel_for(0, a.B * a.L, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(2 * a.H * a.d + max_deg * a.H + 2 * a.H);
+    fused_f32_rows(a, begin, end, scratch.data());
+  });
+  return true;
+}
+
+// Calls f.template operator()<Kernels<scalar_t, D, UNIT>>() for the tensors' head dim and strides.
+template <typename scalar_t, typename F>
+void dispatch_dim(std::initializer_list<const at::Tensor*> ts, F&& f) {
+  bool unit = true;
+  for (const at::Tensor* t : ts) unit = unit && (t->size(3) <= 1 || t->stride(3) == 1);
+  const int64_t d = (*ts.begin())->size(3);
+  if (!unit) return f(Kernels<scalar_t, 0, false>{});
+  switch (d) {
+    case 8: return f(Kernels<scalar_t, 8, true>{});
+    case 16: return f(Kernels<scalar_t, 16, true>{});
+    case 32: return f(Kernels<scalar_t, 32, true>{});
+    case 64: return f(Kernels<scalar_t, 64, true>{});
+    default: return f(Kernels<scalar_t, 0, true>{});
+  }
+}
+
+Table make_table(const at::Tensor& index, const at::Tensor& count, const at::Tensor& shared) {
+  return Table{index.data_ptr<int32_t>(), count.data_ptr<int32_t>(), shared.data_ptr<int32_t>(), index.size(1),
+               shared.numel()};
+}
+
+at::ScalarType lse_type(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor> adjacency_attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                  const at::Tensor& v, const at::Tensor& index,
+                                                                  const at::Tensor& count, const at::Tensor& shared,
+                                                                  double scale, int64_t layout) {
+  check_qkv(q, k, v);
+  check_table(index, count, shared, q.size(2), k.size(2));
+  at::Tensor out = empty_out(q, layout);
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_type(q)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "adjacency_attention_forward", [&] {
+    if (try_fused_f32(q, k, v, make_table(index, count, shared), scale, out, lse)) return;
+    dispatch_dim<scalar_t>({&q, &k, &v, &out}, [&](auto kern) {
+      decltype(kern)::forward(q, k, v, make_table(index, count, shared), scale, out, lse);
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adjacency_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& index, const at::Tensor& count, const at::Tensor& shared, double scale) {
+  check_qkv(q, k, v);
+  check_table(index, count, shared, q.size(2), k.size(2));
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type(),
+              "adjacency_attention_backward: grad_out and out must match q");
+  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == lse_type(q) &&
+                  lse.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2)}),
+              "adjacency_attention_backward: lse must be a contiguous [B, H, L] tensor");
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "adjacency_attention_backward", [&] {
+    dispatch_dim<scalar_t>({&grad_out, &q, &k, &v, &out, &dq, &dk, &dv}, [&](auto kern) {
+      decltype(kern)::backward(grad_out, q, k, v, out, lse, make_table(index, count, shared), scale, dq, dk, dv);
+    });
+  });
+  return {dq, dk, dv};
+}
+
+at::Tensor adjacency_attention_probs_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
+                                         const at::Tensor& index, const at::Tensor& count, const at::Tensor& shared,
+                                         double scale) {
+  check_qkv(q, k, k);
+  check_table(index, count, shared, q.size(2), k.size(2));
+  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == lse_type(q) &&
+                  lse.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2)}),
+              "adjacency_attention_probs: lse must be a contiguous [B, H, L] tensor");
+  at::Tensor probs = at::empty({q.size(0), q.size(1), q.size(2), shared.numel() + index.size(1)}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "adjacency_attention_probs", [&] {
+    dispatch_dim<scalar_t>({&q, &k}, [&](auto kern) {
+      decltype(kern)::probs(q, k, lse, make_table(index, count, shared), scale, probs);
+    });
+  });
+  return probs;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tore_kernels, m) {
+  m.def("adjacency_attention_forward(Tensor q, Tensor k, Tensor v, Tensor index, Tensor count, Tensor shared, "
+        "float scale, int layout) -> (Tensor, Tensor)");
+  m.def("adjacency_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor index, Tensor count, Tensor shared, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("adjacency_attention_probs(Tensor q, Tensor k, Tensor lse, Tensor index, Tensor count, Tensor shared, "
+        "float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tore_kernels, CPU, m) {
+  m.impl("adjacency_attention_forward", &adjacency_attention_forward_cpu);
+  m.impl("adjacency_attention_backward", &adjacency_attention_backward_cpu);
+  m.impl("adjacency_attention_probs", &adjacency_attention_probs_cpu);
+}
+
+}  // namespace tore_kernels

@@ -1,0 +1,371 @@
+"""Neighbour-list attention (tore_kernels.ops.adjacency_attention) and AdjacencyMultiheadAttention,
+against dense masked softmax attention (SDPA in float64) and nn.MultiheadAttention."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tore_kernels import backend
+from tore_kernels.nn.attention import AdjacencyMultiheadAttention
+from tore_kernels.ops import adjacency_attention as aa
+
+needs_ext = pytest.mark.skipif(not backend.HAS_EXTENSION, reason="tore_kernels._C is not built")
+
+# Output of a softmax-weighted mean of O(1) values: fp32 rounding of a few dozen terms stays far below
+# 1e-5; half types are read and written once in their precision (accumulation in fp32), so one output
+# ulp: 2^-11 (fp16), 2^-8 (bf16) relative, doubled for the rounded inputs.
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3),
+       torch.bfloat16: (2e-2, 2e-2)}
+
+
+def random_graph(n, p, seed, extra=()):
+    """Symmetric bool adjacency with self-loops; ``extra`` adds features: 'hub' (a row open to half the
+    nodes), 'leaf' (a degree-1 row: only its self-loop), 'split' (two disconnected components)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(n, n, generator=g) < p
+    if "split" in extra:
+        a[: n // 2, n // 2:] = False
+        a[n // 2:, : n // 2] = False
+    a = a | a.T
+    if "hub" in extra:
+        a[1, ::2] = True
+        a[::2, 1] = True
+    if "leaf" in extra:
+        a[n - 1] = False
+        a[:, n - 1] = False
+    return a | torch.eye(n, dtype=torch.bool)
+
+
+def fastmetro_mask(folder, name):
+    idx = torch.load(os.path.join(folder, f"{name}_adjmat_indices.pt"), weights_only=True)
+    size = torch.load(os.path.join(folder, f"{name}_adjmat_size.pt"), weights_only=True)
+    adj = torch.zeros(tuple(int(s) for s in size), dtype=torch.bool)
+    adj[idx[0], idx[1]] = True
+    return ~adj  # True = may not attend
+
+
+def prefix_mask(vertex_allowed, prefix=14):
+    """FastMETRO without GTR: joint tokens first, their rows and columns fully open."""
+    n = vertex_allowed.shape[0] + prefix
+    allowed = torch.ones(n, n, dtype=torch.bool)
+    allowed[prefix:, prefix:] = vertex_allowed
+    return ~allowed
+
+
+def reference(q, k, v, blocked):
+    out = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=~blocked)
+    return out.to(q.dtype)
+
+
+def qkv_views(B, H, L, d, dtype, seed=0, seq_first=True):
+    """q, k, v as [B, H, L, d] views of one packed projection output, as the module produces them."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (L, B, 3, H, d) if seq_first else (B, L, 3, H, d)
+    proj = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    perm = (1, 2, 0, 3) if seq_first else (0, 2, 1, 3)
+    return [proj[:, :, i].permute(perm) for i in range(3)]
+
+
+# --------------------------------------------------------------------------------------------- table
+
+def test_table_encodes_mask_and_dense_prefix():
+    allowed = random_graph(431, 0.015, 0)
+    blocked = prefix_mask(allowed)
+    t = aa.neighbour_table(blocked)
+    assert t.shared.tolist() == list(range(14))
+    assert t.dense_rows.tolist() == list(range(14))
+    assert t.index.shape[1] == int(allowed.sum(1).max())  # table width: vertex neighbours only
+    assert torch.equal(t.allowed(), ~blocked)
+    assert (t.count[:14] == -1).all()
+
+
+def test_table_float_mask_and_cache():
+    blocked = ~random_graph(50, 0.1, 1)
+    additive = torch.zeros(50, 50).masked_fill(blocked, float("-inf"))
+    assert torch.equal(aa.neighbour_table(additive).allowed(), ~blocked)
+    t1 = aa.neighbour_table(blocked)
+    assert aa.neighbour_table(blocked) is t1  # cached per tensor
+    blocked[3, 7] = not bool(blocked[3, 7])  # in place: version bump rebuilds
+    t2 = aa.neighbour_table(blocked)
+    assert t2 is not t1 and torch.equal(t2.allowed(), ~blocked)
+
+
+def test_table_rejects_bad_masks():
+    blocked = ~random_graph(20, 0.2, 2)
+    blocked[5] = True
+    with pytest.raises(ValueError, match="row 5"):
+        aa.neighbour_table(blocked)
+    biased = torch.zeros(20, 20)
+    biased[0, 1] = 0.5
+    with pytest.raises(ValueError, match="finite non-zero"):
+        aa.neighbour_table(biased)
+    assert aa.table_or_none(biased) is None
+    with pytest.raises(ValueError, match="2-D"):
+        aa.neighbour_table(torch.zeros(2, 20, 20, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool"):
+        aa.neighbour_table(torch.zeros(20, 20, dtype=torch.int64))
+    nan = torch.zeros(20, 20)
+    nan[2, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        aa.neighbour_table(nan)
+
+
+# -------------------------------------------------------------------------------------- functional op
+
+GRAPHS = {
+    "random": lambda: ~random_graph(37, 0.1, 3),
+    "hub_leaf_split": lambda: ~random_graph(53, 0.08, 4, ("hub", "leaf", "split")),
+    "dense_rows": lambda: ~random_graph(300, 0.01, 5, ("hub", "leaf")),  # hub row is dense (150 > 75 keys)
+    "prefix445": lambda: prefix_mask(random_graph(431, 0.015, 6)),
+}
+
+
+@pytest.mark.parametrize("graph", list(GRAPHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_forward_matches_masked_softmax(graph, dtype, monkeypatch):
+    monkeypatch.setenv("TORE_KERNELS_BACKEND", "cpu")
+    blocked = GRAPHS[graph]()
+    L = blocked.shape[0]
+    table = aa.neighbour_table(blocked)
+    if graph == "dense_rows":
+        assert table.dense_rows.tolist() == [1]
+    q, k, v = qkv_views(3, 2, L, 16, dtype, seed=L)
+    out = aa.adjacency_attention(q, k, v, table)
+    torch.testing.assert_close(out, reference(q, k, v, blocked), atol=TOL[dtype][0], rtol=TOL[dtype][1])
+
+
+@needs_ext
+@pytest.mark.parametrize("d", [8, 12, 16, 64])
+@pytest.mark.parametrize("layout", [aa.LAYOUT_BHLD, aa.LAYOUT_BLHD, aa.LAYOUT_LBHD])
+def test_strides_head_dims_layouts(d, layout):
+    blocked = ~random_graph(41, 0.1, 7, ("leaf",))
+    t = aa.neighbour_table(blocked)
+    q, k, v = qkv_views(2, 3, 41, d, torch.float32, seed=d)
+    k = k.transpose(-1, -2).contiguous().transpose(-1, -2)  # non-unit last-dim stride
+    out, lse = torch.ops.tore_kernels.adjacency_attention_forward(q, k, v, t.index, t.count, t.shared,
+                                                                  d ** -0.5, layout)
+    expect_order = {aa.LAYOUT_BHLD: (0, 1, 2, 3), aa.LAYOUT_BLHD: (0, 2, 1, 3), aa.LAYOUT_LBHD: (2, 0, 1, 3)}
+    assert out.permute(expect_order[layout]).is_contiguous()
+    torch.testing.assert_close(out, reference(q, k, v, blocked), atol=2e-5, rtol=2e-5)
+    scores = (q.double() @ k.double().transpose(-1, -2)) * d ** -0.5
+    torch.testing.assert_close(lse.double(), scores.masked_fill(blocked, float("-inf")).logsumexp(-1),
+                               atol=1e-5, rtol=1e-5)
+
+
+@needs_ext
+def test_gradcheck_float64(monkeypatch):
+    monkeypatch.setenv("TORE_KERNELS_BACKEND", "cpu")
+    blocked = ~random_graph(24, 0.12, 4, ("hub", "leaf", "split"))
+    table = aa.neighbour_table(blocked, dense_row_degree=8)  # the hub row (12 keys) goes dense
+    assert table.dense_rows.tolist() == [1]
+    q, k, v = [t.detach().requires_grad_() for t in qkv_views(1, 2, 24, 4, torch.float64)]
+    # fast_mode: checks random projections of the Jacobian (full mode costs ~1000 op calls here)
+    assert torch.autograd.gradcheck(lambda q, k, v: aa.adjacency_attention(q, k, v, table), (q, k, v),
+                                    fast_mode=True)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_matches_reference(dtype, monkeypatch):
+    monkeypatch.setenv("TORE_KERNELS_BACKEND", "cpu")
+    blocked = GRAPHS["prefix445"]()
+    table = aa.neighbour_table(blocked)
+    q, k, v = [t.detach().requires_grad_() for t in qkv_views(2, 2, 445, 16, dtype)]
+    grad = torch.randn(2, 2, 445, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = torch.autograd.grad(aa.adjacency_attention(q, k, v, table), (q, k, v), grad)
+    want = torch.autograd.grad(reference(q, k, v, blocked), (q, k, v), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=TOL[dtype][0] * 4, rtol=TOL[dtype][1])
+
+
+@needs_ext
+def test_opcheck():
+    blocked = GRAPHS["prefix445"]()[:30, :30]
+    t = aa.neighbour_table(blocked, dense_row_degree=20)
+    assert t.dense_rows.numel() == 14 and t.shared.numel() == 14
+    q, k, v = [x.detach().requires_grad_() for x in qkv_views(2, 2, 30, 8, torch.float32)]
+    ops = torch.ops.tore_kernels
+    torch.library.opcheck(ops.adjacency_attention_forward, (q, k, v, t.index, t.count, t.shared, 0.3, 2))
+    out, lse = ops.adjacency_attention_forward(q, k, v, t.index, t.count, t.shared, 0.3, 0)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(ops.adjacency_attention_backward,
+                          (grad, q.detach(), k.detach(), v.detach(), out.detach(), lse, t.index, t.count, t.shared,
+                           0.3))
+    torch.library.opcheck(ops.adjacency_attention_probs, (q.detach(), k.detach(), lse, t.index, t.count, t.shared,
+                                                          0.3))
+
+
+def test_functional_validates_inputs():
+    table = aa.neighbour_table(~random_graph(10, 0.3, 8))
+    q = torch.randn(1, 2, 10, 8)
+    with pytest.raises(ValueError, match="q must be"):
+        aa.adjacency_attention(q[0], q, q, table)
+    with pytest.raises(TypeError, match="k must have q's dtype"):
+        aa.adjacency_attention(q, q.double(), q, table)
+    with pytest.raises(ValueError, match="table is for"):
+        aa.adjacency_attention(q[:, :, :9], q, q, table)
+    with pytest.raises(TypeError, match="NeighbourTable"):
+        aa.adjacency_attention(q, q, q, torch.zeros(10, 10, dtype=torch.bool))
+    with pytest.raises(ValueError, match="scale"):
+        aa.adjacency_attention(q, q, q, table, scale=-1.0)
+    with pytest.raises(TypeError, match="q must be float16"):
+        aa.adjacency_attention(q.long(), q.long(), q.long(), table)
+
+
+# ------------------------------------------------------------------------------------------- module
+
+def _pair(E=32, H=4, batch_first=False, seed=0):
+    torch.manual_seed(seed)
+    mha = nn.MultiheadAttention(E, H, batch_first=batch_first).eval()
+    with torch.no_grad():  # non-zero biases so their gradients are checked too
+        mha.in_proj_bias.normal_()
+        mha.out_proj.bias.normal_()
+    return mha, AdjacencyMultiheadAttention.from_module(mha)
+
+
+def _decoder_inputs(L, B, E, batch_first, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (B, L, E) if batch_first else (L, B, E)
+    y = torch.randn(shape, generator=g)
+    return y + torch.zeros_like(y), y  # q = k = y + query_pos (a different tensor from v = y)
+
+
+def _check_module(mha, fast, blocked, B=3, batch_first=False, grads=True):
+    L = blocked.shape[0]
+    qk, v = _decoder_inputs(L, B, mha.embed_dim, batch_first)
+    with torch.no_grad():
+        for average in (True, False):
+            want = mha(qk, qk, v, attn_mask=blocked, average_attn_weights=average)
+            got = fast(qk, qk, v, attn_mask=blocked, average_attn_weights=average)
+            torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(got[1], want[1], atol=2e-6, rtol=2e-5)
+    if grads:
+        qk1, v1 = qk.clone().requires_grad_(), v.clone().requires_grad_()
+        qk2, v2 = qk.clone().requires_grad_(), v.clone().requires_grad_()
+        want = mha(qk1, qk1, v1, attn_mask=blocked, need_weights=False)[0]
+        got = fast(qk2, qk2, v2, attn_mask=blocked, need_weights=False)[0]
+        grad = torch.randn_like(want)
+        gw = torch.autograd.grad(want, (qk1, v1, *mha.parameters()), grad)
+        gg = torch.autograd.grad(got, (qk2, v2, *fast.parameters()), grad)
+        for a, b in zip(gg, gw):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@needs_ext
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_module_random_graph(batch_first):
+    mha, fast = _pair(batch_first=batch_first)
+    blocked = ~random_graph(120, 0.03, 9, ("leaf", "split"))
+    qk, v = _decoder_inputs(120, 2, 32, batch_first)
+    assert fast._sparse_table(qk, qk, v, None, False, blocked, False) is not None
+    _check_module(mha, fast, blocked, batch_first=batch_first)
+
+
+@needs_ext
+def test_module_prefix445():
+    mha, fast = _pair(E=64, H=8)
+    _check_module(mha, fast, GRAPHS["prefix445"](), B=2)
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["smpl_431", "mano_195"])
+def test_module_fastmetro_meshes(fastmetro_data, name):
+    blocked = fastmetro_mask(fastmetro_data, name)
+    degree = (~blocked).sum(1)
+    assert (~blocked == (~blocked).T).all() and int(degree.min()) >= 3
+    mha, fast = _pair(E=128, H=8)
+    _check_module(mha, fast, blocked, B=2)
+
+
+@needs_ext
+def test_module_skip_weights_and_dense_fallbacks():
+    mha, fast = _pair()
+    blocked = ~random_graph(64, 0.05, 10)
+    qk, v = _decoder_inputs(64, 2, 32, False)
+    fast.skip_unused_weights = True
+    with torch.no_grad():
+        out, weights = fast(qk, qk, v, attn_mask=blocked)
+        assert weights is None
+        torch.testing.assert_close(out, mha(qk, qk, v, attn_mask=blocked)[0], atol=2e-5, rtol=2e-5)
+    fast.skip_unused_weights = False
+    padding = torch.zeros(2, 64, dtype=torch.bool)
+    padding[1, 5] = True
+    assert fast._sparse_table(qk, qk, v, padding, False, blocked, False) is None  # key_padding_mask: dense
+    with torch.no_grad():
+        for kwargs in ({"key_padding_mask": padding}, {"attn_mask": blocked.float().masked_fill(blocked, -1.0)},
+                       {"attn_mask": None}):
+            kwargs.setdefault("attn_mask", blocked)
+            want, got = mha(qk, qk, v, **kwargs), fast(qk, qk, v, **kwargs)
+            torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(got[1], want[1], atol=2e-6, rtol=2e-5)
+    # need_weights while recording gradients: nn.MultiheadAttention's differentiable weights
+    qk_g = qk.clone().requires_grad_()
+    assert fast._sparse_table(qk_g, qk_g, v, None, True, blocked, False) is None
+    assert torch.equal(fast.state_dict()["in_proj_weight"], mha.state_dict()["in_proj_weight"])
+    assert list(fast.state_dict()) == list(mha.state_dict())
+
+
+@needs_ext
+def test_module_float_additive_mask_sparse():
+    mha, fast = _pair()
+    blocked = ~random_graph(64, 0.05, 11)
+    additive = torch.zeros(64, 64).masked_fill(blocked, float("-inf"))
+    qk, v = _decoder_inputs(64, 2, 32, False)
+    assert fast._sparse_table(qk, qk, v, None, False, additive, False) is not None
+    with torch.no_grad():
+        torch.testing.assert_close(fast(qk, qk, v, attn_mask=additive)[0], mha(qk, qk, v, attn_mask=additive)[0],
+                                   atol=2e-5, rtol=2e-5)
+
+
+@needs_ext
+def test_module_broken_topology_raises():
+    _, fast = _pair()
+    blocked = ~random_graph(64, 0.05, 12)
+    blocked[17] = True
+    qk, v = _decoder_inputs(64, 2, 32, False)
+    with pytest.raises(ValueError, match="row 17"):
+        fast(qk, qk, v, attn_mask=blocked)
+
+
+def test_from_module_rejects_other_modules():
+    with pytest.raises(TypeError, match="nn.MultiheadAttention"):
+        AdjacencyMultiheadAttention.from_module(nn.Linear(4, 4))
+
+
+# ------------------------------------------------------------------------------ Triton (interpreter)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_forward_backward(triton_backend, dtype):
+    allowed = random_graph(43, 0.08, 13, ("leaf", "split"))
+    blocked = prefix_mask(allowed, prefix=5)  # 48 tokens: a 5-wide dense prefix block and 5 dense rows
+    table = aa.neighbour_table(blocked, dense_row_degree=24)
+    assert table.shared.numel() == 5 and table.dense_rows.numel() == 5
+    assert backend.choose(aa.OP, "cpu") == "triton"
+    q, k, v = [t.detach().requires_grad_() for t in qkv_views(2, 2, 48, 12, dtype)]  # d=12: masked dims
+    out = aa.adjacency_attention(q, k, v, table)
+    want = reference(q, k, v, blocked)
+    torch.testing.assert_close(out, want, atol=TOL[dtype][0], rtol=TOL[dtype][1])
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    ref = torch.autograd.grad(want, (q, k, v), grad)
+    for g, w in zip(got, ref):
+        torch.testing.assert_close(g, w, atol=TOL[dtype][0] * 4, rtol=TOL[dtype][1])
+
+
+def test_triton_module(triton_backend):
+    mha, fast = _pair(E=32, H=2)
+    blocked = ~random_graph(80, 0.03, 14, ("leaf",))
+    qk, v = _decoder_inputs(80, 2, 32, False)
+    assert fast._sparse_table(qk, qk, v, None, False, blocked, False) is not None
+    _check_module(mha, fast, blocked, B=2)
+
+
+def test_gpu_report_configs_cover_head_dims_and_dtypes():
+    pytest.importorskip("triton")
+    names = [c.name for c in aa.gpu_report_configs()]
+    for d in (8, 16, 32, 64, 128):
+        for ty in ("fp32", "fp16", "bf16"):
+            assert f"adjacency_attention_forward[d<={d},{ty}]" in names
+            assert f"adjacency_attention_backward[d<={d},{ty}]" in names

@@ -1,0 +1,118 @@
+"""AdjacencyMultiheadAttention: nn.MultiheadAttention that runs neighbour-list attention for sparse masks."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import backend
+from ..ops import adjacency_attention as aa
+
+
+class AdjacencyMultiheadAttention(nn.MultiheadAttention):
+    """Drop-in ``nn.MultiheadAttention`` (same constructor, parameters, state_dict, forward and return value).
+
+    When ``attn_mask`` is a 2-D ``[L, S]`` mask sparse enough to pay (each query row sees at most a quarter of
+    the keys, apart from a few dense rows) the attention runs through the neighbour table of the mask
+    (:mod:`tore_kernels.ops.adjacency_attention`), built once per mask tensor. Everything else takes
+    ``nn.MultiheadAttention``'s own path: key_padding_mask, is_causal, 3-D masks, float masks with finite
+    biases, dropout while training, kdim/vdim != embed_dim, bias_k/add_zero_attn, unbatched input, and
+    ``need_weights=True`` while gradients are being recorded.
+
+    ``skip_unused_weights`` (constructor argument or attribute, default False): when True, forward returns
+    ``(output, None)`` even if ``need_weights=True``, for callers that discard the weights (FastMETRO calls
+    its attention with the default ``need_weights=True`` and keeps ``[0]``). When False, ``need_weights=True``
+    returns exactly nn.MultiheadAttention's weights (head-averaged ``[B, L, S]`` or per-head ``[B, H, L, S]``).
+    """
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *,
+                 skip_unused_weights: bool = False):
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
+                         add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
+                         device=device, dtype=dtype)
+        self.skip_unused_weights = bool(skip_unused_weights)
+
+    @classmethod
+    def from_module(cls, mha: nn.MultiheadAttention, *, skip_unused_weights: bool = False):
+        """A copy of ``mha`` (configuration, parameters, training mode, device and dtype)."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"mha must be an nn.MultiheadAttention, got {type(mha).__name__}")
+        ref = mha.in_proj_weight if mha._qkv_same_embed_dim else mha.q_proj_weight
+        new = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=mha.in_proj_bias is not None,
+                  add_bias_kv=mha.bias_k is not None, add_zero_attn=mha.add_zero_attn, kdim=mha.kdim,
+                  vdim=mha.vdim, batch_first=mha.batch_first, device=ref.device, dtype=ref.dtype,
+                  skip_unused_weights=skip_unused_weights)
+        new.load_state_dict(mha.state_dict())
+        new.train(mha.training)
+        return new
+
+    def _sparse_table(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
+        """The neighbour table when the fast path applies, else None."""
+        if (attn_mask is None or key_padding_mask is not None or is_causal or attn_mask.dim() != 2
+                or query.dim() != 3 or not self._qkv_same_embed_dim or self.bias_k is not None
+                or self.add_zero_attn or (self.training and self.dropout > 0.0)):
+            return None
+        if key.shape != value.shape or query.shape[-1] != self.embed_dim or key.shape[-1] != self.embed_dim:
+            return None
+        L, S = (query.shape[1], key.shape[1]) if self.batch_first else (query.shape[0], key.shape[0])
+        if tuple(attn_mask.shape) != (L, S) or query.dtype != self.in_proj_weight.dtype:
+            return None
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            return None
+        table = aa.table_or_none(attn_mask)  # raises for a row that allows no key (a broken topology)
+        if table is None or table.width * 4 > S or table.dense_rows.numel() * 8 > L:
+            return None
+        if backend.choose(aa.OP, query.device) == "reference":
+            return None
+        if need_weights and not self.skip_unused_weights and torch.is_grad_enabled() and (
+                query.requires_grad or key.requires_grad or value.requires_grad or self.in_proj_weight.requires_grad):
+            return None  # differentiable weights: nn.MultiheadAttention's path computes them
+        return table
+
+    def _project(self, query, key, value):
+        """q [B, H, L, d] and k, v [B, H, S, d] as views of the in-projection outputs (no copies)."""
+        E, H = self.embed_dim, self.num_heads
+        w, b = self.in_proj_weight, self.in_proj_bias
+
+        def lin(x, lo, hi):
+            return F.linear(x, w[lo * E:hi * E], None if b is None else b[lo * E:hi * E])
+
+        if query is key and key is value:
+            parts = lin(query, 0, 3).unflatten(-1, (3, H, -1)).unbind(-3)
+        elif key is value:
+            parts = (lin(query, 0, 1).unflatten(-1, (H, -1)),) + lin(key, 1, 3).unflatten(-1, (2, H, -1)).unbind(-3)
+        elif query is key:
+            parts = lin(query, 0, 2).unflatten(-1, (2, H, -1)).unbind(-3) + (lin(value, 2, 3).unflatten(-1, (H, -1)),)
+        else:
+            parts = tuple(lin(x, i, i + 1).unflatten(-1, (H, -1)) for i, x in enumerate((query, key, value)))
+        # [L, B, H, d] (seq first) or [B, L, H, d] (batch first) -> [B, H, L, d]
+        perm = (0, 2, 1, 3) if self.batch_first else (1, 2, 0, 3)
+        return tuple(p.permute(perm) for p in parts)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        table = None
+        if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor) \
+                and isinstance(attn_mask, torch.Tensor):
+            table = self._sparse_table(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
+        if table is None:
+            out, weights = super().forward(query, key, value, key_padding_mask=key_padding_mask,
+                                           need_weights=need_weights and not self.skip_unused_weights,
+                                           attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                           is_causal=is_causal)
+            return out, weights
+        q, k, v = self._project(query, key, value)
+        B, H, L, d = q.shape
+        scale = 1.0 / math.sqrt(d)
+        layout = aa.LAYOUT_BLHD if self.batch_first else aa.LAYOUT_LBHD
+        out, lse = aa.attention_with_lse(q, k, v, table, scale, layout)
+        out = out.permute(0, 2, 1, 3) if self.batch_first else out.permute(2, 0, 1, 3)
+        out = F.linear(out.reshape(out.shape[0], out.shape[1], self.embed_dim), self.out_proj.weight,
+                       self.out_proj.bias)
+        weights = None
+        if need_weights and not self.skip_unused_weights:
+            weights = aa.attention_weights(q, k, table, scale, lse, average_attn_weights)
+        return out, weights

@@ -1,0 +1,247 @@
+"""tore_kernels.patch / unpatch on models built with tore_reference in the released structures: TORE-FastMETRO
+with ITP + GTR, with GTR only, and the original FastMETRO ([J+V, J+V] mask). Small sizes, the generated default
+431-vertex body mesh, random weights with non-trivial LayerNorm affines."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from tore_kernels.nn.attention import AdjacencyMultiheadAttention
+from tore_kernels.nn.mesh import MeshSampler
+from tore_kernels.patch import PatchReport, patch, patch_report, unpatch
+from tore_kernels.topology import default_body_mesh
+from tore_reference import FastMETROHead, Mesh, ToreFastMETROHead
+
+# fp32: the patched model computes the same sums in other orders (SDPA / neighbour-list softmax instead of
+# bmm + softmax, a precomposed upsampling chain, the fused ITP), through ~9 residual blocks of dot products of
+# length <= 128: a few ulps of O(1) activations each, so ~1e-6 absolute on O(1) outputs; 2e-5 leaves margin
+# without hiding a wrong mask or weight (those give O(0.1) errors).
+TOL = dict(rtol=1e-4, atol=2e-5)
+C_BACKBONE = 32
+KINDS = {
+    "tore_itp": (ToreFastMETROHead, dict(use_itp=True, model_dims=(64, 32, 32), feedforward_dims=(96, 64, 64))),
+    "tore_gtr": (ToreFastMETROHead, dict(use_itp=False, model_dims=(64, 32, 32), feedforward_dims=(96, 64, 64))),
+    "fastmetro": (FastMETROHead, dict(model_dims=(64, 32), feedforward_dims=(96, 64))),
+}
+
+
+@pytest.fixture(scope="module")
+def topo():
+    return default_body_mesh()
+
+
+def build(kind, topo, dropout=0.1, seed=0):
+    torch.manual_seed(seed)
+    cls, kw = KINDS[kind]
+    model = cls(topo.adjacency.to_dense(), Mesh(topo.upsampling, topo.downsampling), backbone_channels=C_BACKBONE,
+                model_size="S", nhead=4, dropout=dropout, **kw)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.normal_(1.0, 0.3)
+                m.bias.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def outputs(model, x):
+    out = model(x)
+    return tuple(out.values()) if isinstance(out, dict) else out
+
+
+def assert_close_all(a, b, **tol):
+    assert len(a) == len(b)
+    for i, (u, v) in enumerate(zip(a, b)):
+        assert u.shape == v.shape, f"output {i}"
+        torch.testing.assert_close(u, v, **tol, msg=lambda m: f"output {i}: {m}")
+
+
+def attention_modules(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+
+
+@pytest.fixture
+def features():
+    torch.manual_seed(1)
+    return torch.randn(2, C_BACKBONE, 7, 7)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_patch_matches_eager_and_unpatch_restores_exactly(kind, topo, features):
+    model = build(kind, topo)
+    before_modules = dict(model.named_modules())
+    before_types = {name: type(m) for name, m in before_modules.items()}
+    sampler, cls = model.mesh_sampler, type(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = outputs(model, features)
+        assert patch(model) is model
+        attn = attention_modules(model)
+        assert attn and all(isinstance(m, AdjacencyMultiheadAttention) for m in attn.values())
+        assert isinstance(model.mesh_sampler, MeshSampler)
+        assert model.state_dict().keys() == state.keys()
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+        got = outputs(model, features)
+        assert_close_all(got, ref, **TOL)
+        unpatch(model)
+        back = outputs(model, features)
+    assert type(model) is cls and model.mesh_sampler is sampler
+    assert all(model.get_submodule(name) is m for name, m in before_modules.items() if name)
+    assert all(type(m) is before_types[name] for name, m in model.named_modules())
+    for u, v in zip(back, ref):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.filterwarnings("ignore:TORE_KERNELS_BACKEND=triton cannot run mesh_upsample")
+def test_patch_matches_eager_through_triton_kernels(topo, features, triton_backend):
+    # the fused ITP and the mesh-mask attention through their Triton kernels (interpreted when there is no GPU)
+    model = build("tore_itp", topo)
+    with torch.no_grad():
+        ref = outputs(model, features)
+        assert_close_all(outputs(patch(model), features), ref, **TOL)
+
+
+def test_report_names_what_was_swapped(topo):
+    model = build("tore_itp", topo)
+    assert patch_report(model) is None
+    patch(model)
+    report = patch_report(model)
+    assert isinstance(report, PatchReport) and report.model == "TORE-FastMETRO (ITP + GTR)"
+    paths = {path: new for path, _, new in report.swapped}
+    assert "mesh mask" in paths["transformer_3.decoder.layers.0.self_attn"]
+    assert "weights skipped" in paths["transformer_1.encoder.layers.0.self_attn"]
+    assert "mesh mask" not in paths["transformer_1.decoder.layers.0.self_attn"]  # no mask in transformer_1/2
+    assert "mesh_sampler" in paths and "forward" in paths
+    assert "transformer_3.decoder.self_attn" in str(report)
+    fm = patch(build("fastmetro", topo))
+    masked = {p for p, _, new in patch_report(fm).swapped if "mesh mask" in new}
+    assert masked == {"transformer_1.decoder.layers.0.self_attn", "transformer_2.decoder.layers.0.self_attn"}
+    gtr = patch(build("tore_gtr", topo))
+    assert "forward" not in {p for p, _, _ in patch_report(gtr).swapped}
+
+
+def test_first_vertex_layer_shares_self_attention_over_the_batch(topo, features):
+    model = patch(build("tore_itp", topo))
+    batches = []
+    layer = model.transformer_3.decoder.layers[0]
+    layer.self_attn.register_forward_hook(lambda mod, args, out: batches.append(args[0].shape[1]))
+    with torch.no_grad():
+        outputs(model, features)
+        assert batches == [1]  # the broadcast vertex queries: one self-attention for the whole batch
+        # and the layer gives what it gives on the same queries materialised per sample
+        tgt = torch.randn(431, 1, 32).expand(-1, 3, -1)
+        memory, pos = torch.randn(14, 3, 32), torch.randn(14, 3, 32)
+        kw = dict(tgt_mask=model.attention_mask, pos=pos, query_pos=torch.zeros(431, 3, 32))
+        torch.testing.assert_close(layer(tgt, memory, **kw), layer(tgt.contiguous(), memory, **kw), **TOL)
+    assert batches == [1, 1, 3]
+
+
+def test_idempotent(topo, features):
+    model = patch(build("tore_itp", topo))
+    modules, report, cls = dict(model.named_modules()), patch_report(model), type(model)
+    assert patch(model) is model
+    assert patch_report(model) is report and type(model) is cls
+    assert all(model.get_submodule(name) is m for name, m in modules.items() if name)
+    unpatch(model)
+    unpatch(model)  # unpatching an unpatched model changes nothing
+    assert patch_report(model) is None and type(model) is ToreFastMETROHead
+
+
+@pytest.mark.parametrize("kind", ["tore_itp", "fastmetro"])
+def test_state_dict_round_trip(kind, topo, features):
+    patched = patch(build(kind, topo, seed=1))
+    plain = build(kind, topo, seed=2)
+    with torch.no_grad():
+        ref_patched = outputs(patched, features)
+        ref_plain = outputs(plain, features)
+        buffer = io.BytesIO()
+        torch.save(patched.state_dict(), buffer)
+        buffer.seek(0)
+        fresh = build(kind, topo, seed=3)
+        fresh.load_state_dict(torch.load(buffer, weights_only=True))  # strict: same keys
+        assert_close_all(outputs(fresh, features), ref_patched, **TOL)
+        patched.load_state_dict(plain.state_dict())
+        assert_close_all(outputs(patched, features), ref_plain, **TOL)
+
+
+def test_parameters_are_shared_not_copied(topo):
+    model = build("tore_gtr", topo)
+    params = dict(model.named_parameters())
+    patch(model)
+    # optimisers and DDP hold these objects: they must stay the model's parameters
+    assert all(p is params[name] for name, p in model.named_parameters())
+
+
+def test_data_parallel_wrapper(topo, features):
+    model = build("tore_itp", topo)
+    with torch.no_grad():
+        ref = outputs(model, features)
+    wrapped = nn.DataParallel(model)  # with no GPU it just calls the module
+    assert patch(wrapped) is wrapped
+    assert patch_report(wrapped) is patch_report(model) is not None
+    with torch.no_grad():
+        assert_close_all(outputs(wrapped, features), ref, **TOL)
+    unpatch(wrapped)
+    assert patch_report(model) is None and type(model) is ToreFastMETROHead
+
+
+def test_patched_model_pickles_and_deepcopies(topo, features):
+    model = patch(build("tore_itp", topo))
+    with torch.no_grad():
+        ref = outputs(model, features)
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert patch_report(clone) is not None and isinstance(clone, ToreFastMETROHead)
+            for u, v in zip(outputs(clone, features), ref):
+                assert torch.equal(u, v)
+            unpatch(clone)
+            assert type(clone) is ToreFastMETROHead
+
+
+def test_unknown_model_raises_and_is_untouched(topo):
+    with pytest.raises(ValueError, match="Looked for"):
+        patch(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(TypeError, match="nn.Module"):
+        patch("model")
+    # nearly right: every check runs before any swap, so transformer_1/2 must not be half-patched
+    model = build("tore_itp", topo)
+    model.transformer_3.decoder.layers[0].multihead_attn = nn.Identity()
+    modules, sampler = dict(model.named_modules()), model.mesh_sampler
+    with pytest.raises(ValueError, match="transformer_3.decoder.layers.0.multihead_attn"):
+        patch(model)
+    assert all(model.get_submodule(name) is m for name, m in modules.items() if name)
+    assert model.mesh_sampler is sampler and type(model) is ToreFastMETROHead and patch_report(model) is None
+    model = build("fastmetro", topo)
+    del model.mesh_sampler
+    with pytest.raises(ValueError, match="mesh_sampler missing"):
+        patch(model)
+    assert not any(isinstance(m, AdjacencyMultiheadAttention) for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", ["tore_itp", "fastmetro"])
+def test_train_mode_gradients_match(kind, topo, features):
+    eager = build(kind, topo, dropout=0.0).train()
+    fast = patch(copy.deepcopy(eager))
+    x1 = features.clone().requires_grad_(True)
+    x2 = features.clone().requires_grad_(True)
+    out1, out2 = outputs(eager, x1), outputs(fast, x2)
+    torch.manual_seed(3)
+    weights = [torch.randn_like(o) for o in out1]
+    sum(((o * w).sum() for o, w in zip(out1, weights))).backward()
+    sum(((o * w).sum() for o, w in zip(out2, weights))).backward()
+    torch.testing.assert_close(x2.grad, x1.grad, **TOL)
+    grads = {n: p.grad for n, p in eager.named_parameters()}
+    for name, p in fast.named_parameters():
+        assert p.grad is not None, name
+        # a weight gradient sums up to B x 6890 products (the regressors see every upsampled vertex): its
+        # rounding error scales with its largest entry, not with each entry, so atol is relative to that
+        ref = grads[name]
+        if name == "token_selector_fc.bias":
+            # exactly zero in exact arithmetic (the heatmap softmax over HW ignores a per-cluster shift): both
+            # sides are rounding noise, bounded by the scale of the fc weight's gradient
+            bound = 1e-5 * float(grads["token_selector_fc.weight"].abs().max())
+            assert float(p.grad.abs().max()) <= bound and float(ref.abs().max()) <= bound
+            continue
+        torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()) + 1e-7,
+                                   msg=lambda m: f"{name}: {m}")

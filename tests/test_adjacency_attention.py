@@ -7,10 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import importlib
+
 from tore_kernels import backend
 from tore_kernels.nn.attention import AdjacencyMultiheadAttention
-from tore_kernels.ops import adjacency_attention as aa
 
+# the submodule (its name is also the exported function's, which `from ... import` would give)
+aa = importlib.import_module("tore_kernels.ops.adjacency_attention")
 needs_ext = pytest.mark.skipif(not backend.HAS_EXTENSION, reason="tore_kernels._C is not built")
 
 # Output of a softmax-weighted mean of O(1) values: fp32 rounding of a few dozen terms stays far below

@@ -1,4 +1,11 @@
-"""tore-kernels: fused kernels for transformer-based human mesh recovery (TORE, FastMETRO, METRO)."""
+"""tore-kernels: fused kernels for transformer-based human mesh recovery (TORE, FastMETRO, METRO).
+
+``tore_kernels.patch(model)`` swaps the fast modules into an existing model (``unpatch`` undoes it);
+``tore_kernels.ops`` holds the functional ops, ``tore_kernels.nn`` the drop-in modules,
+``tore_kernels.topology`` the mesh data loaders.
+"""
 from . import backend, nn, ops, topology
+from .patch import PatchReport, patch, patch_report, unpatch
 
 __version__ = "0.1.0"
+__all__ = ["backend", "nn", "ops", "topology", "patch", "unpatch", "patch_report", "PatchReport", "__version__"]

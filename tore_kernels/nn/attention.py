@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import backend
-from ..ops import adjacency_attention as aa
+# names, not the submodule: tore_kernels.ops.adjacency_attention is also the exported function's name
+from ..ops.adjacency_attention import (LAYOUT_BLHD, LAYOUT_LBHD, OP, attention_weights, attention_with_lse,
+                                       table_or_none)
 
 
 class AdjacencyMultiheadAttention(nn.MultiheadAttention):
@@ -62,10 +64,10 @@ class AdjacencyMultiheadAttention(nn.MultiheadAttention):
             return None
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
             return None
-        table = aa.table_or_none(attn_mask)  # raises for a row that allows no key (a broken topology)
+        table = table_or_none(attn_mask)  # raises for a row that allows no key (a broken topology)
         if table is None or table.width * 4 > S or table.dense_rows.numel() * 8 > L:
             return None
-        if backend.choose(aa.OP, query.device) == "reference":
+        if backend.choose(OP, query.device) == "reference":
             return None
         if need_weights and not self.skip_unused_weights and torch.is_grad_enabled() and (
                 query.requires_grad or key.requires_grad or value.requires_grad or self.in_proj_weight.requires_grad):
@@ -107,12 +109,12 @@ class AdjacencyMultiheadAttention(nn.MultiheadAttention):
         q, k, v = self._project(query, key, value)
         B, H, L, d = q.shape
         scale = 1.0 / math.sqrt(d)
-        layout = aa.LAYOUT_BLHD if self.batch_first else aa.LAYOUT_LBHD
-        out, lse = aa.attention_with_lse(q, k, v, table, scale, layout)
+        layout = LAYOUT_BLHD if self.batch_first else LAYOUT_LBHD
+        out, lse = attention_with_lse(q, k, v, table, scale, layout)
         out = out.permute(0, 2, 1, 3) if self.batch_first else out.permute(2, 0, 1, 3)
         out = F.linear(out.reshape(out.shape[0], out.shape[1], self.embed_dim), self.out_proj.weight,
                        self.out_proj.bias)
         weights = None
         if need_weights and not self.skip_unused_weights:
-            weights = aa.attention_weights(q, k, table, scale, lse, average_attn_weights)
+            weights = attention_weights(q, k, table, scale, lse, average_attn_weights)
         return out, weights

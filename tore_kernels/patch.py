@@ -6,7 +6,9 @@ class name, so models built by the released code are recognised as well as ``tor
 * TORE-FastMETRO with ITP and GTR: ``transformer_1/2/3`` + ``token_selector_conv2d``, ``token_selector_fc``,
   ``layer_norm`` (the inline Image Token Pruner) + ``mesh_sampler``;
 * TORE-FastMETRO with GTR only: ``transformer_1/2/3`` without the token selector;
-* the original FastMETRO: ``transformer_1/2`` decoding joint + vertex tokens under a ``[J+V, J+V]`` mask.
+* the original FastMETRO: ``transformer_1/2`` decoding joint + vertex tokens under a ``[J+V, J+V]`` mask;
+* TORE-METRO: ``transformer_3`` (the NSR, ``[V, V]`` mask) without ``transformer_1/2``, after METRO's
+  ``trans_encoder`` (a BERT encoder without ``nn.MultiheadAttention``: left as it is).
 
 What is swapped:
 
@@ -61,7 +63,9 @@ _LOOKED_FOR = (
     "TORE-FastMETRO (ITP + GTR): transformer_1/2/3, token_selector_conv2d (Conv2d 3x3), token_selector_fc (Linear), "
     "layer_norm (LayerNorm [N, C]), " + ", ".join(_ITP_FORWARD_PARTS) + ", attention_mask, mesh_sampler; "
     "TORE-FastMETRO (GTR): transformer_1/2/3, attention_mask [V, V], mesh_sampler; "
-    "FastMETRO: transformer_1/2 (no transformer_3), attention_mask [J+V, J+V], mesh_sampler. "
+    "FastMETRO: transformer_1/2 (no transformer_3), attention_mask [J+V, J+V], mesh_sampler; "
+    "TORE-METRO: transformer_3 without transformer_1/2, trans_encoder (METRO's encoder, left as is), "
+    "vertex_token_embed, attention_mask [V, V], mesh_sampler. "
     "Each transformer_i must have encoder.layers[*].self_attn and decoder.layers[*].self_attn / multihead_attn "
     "(nn.MultiheadAttention); mesh_sampler must have _U and _D lists of sparse matrices")
 
@@ -136,14 +140,24 @@ def _recognise(model):
     problems: list[str] = []
     has_t3 = isinstance(getattr(model, "transformer_3", None), nn.Module)
     has_itp = any(isinstance(getattr(model, p, None), nn.Module) for p in _ITP_PARTS)
-    names = ("transformer_1", "transformer_2", "transformer_3") if has_t3 else ("transformer_1", "transformer_2")
+    # transformer_3 alone (no transformer_1/2) is the NSR after METRO's encoder
+    metro = has_t3 and not any(isinstance(getattr(model, n, None), nn.Module)
+                               for n in ("transformer_1", "transformer_2"))
+    if metro:
+        names = ("transformer_3",)
+        if not isinstance(getattr(model, "trans_encoder", None), nn.Module):
+            problems.append("trans_encoder (METRO's encoder) missing")
+    elif has_t3:
+        names = ("transformer_1", "transformer_2", "transformer_3")
+    else:
+        names = ("transformer_1", "transformer_2")
     slots = [s for n in names for s in _attention_slots(model, n, problems)]
     if not hasattr(getattr(model, "mesh_sampler", None), "_U") or not hasattr(model.mesh_sampler, "_D"):
         problems.append("mesh_sampler missing or without _U / _D matrices")
     vertex_embed = getattr(model, "vertex_token_embed", None)
     joint_embed = getattr(model, "joint_token_embed", None)
-    if not isinstance(vertex_embed, nn.Embedding) or not isinstance(joint_embed, nn.Embedding):
-        problems.append("vertex_token_embed / joint_token_embed missing")
+    if not isinstance(vertex_embed, nn.Embedding) or not (has_t3 or isinstance(joint_embed, nn.Embedding)):
+        problems.append("vertex_token_embed" + ("" if has_t3 else " / joint_token_embed") + " missing")
         size = None
     else:
         size = vertex_embed.num_embeddings + (0 if has_t3 else joint_embed.num_embeddings)
@@ -159,8 +173,8 @@ def _recognise(model):
             problems.append("token_selector_conv2d is not a 3x3, stride 1, padding 1 Conv2d with bias")
         if isinstance(ln, nn.LayerNorm) and (len(ln.normalized_shape) != 2 or not ln.elementwise_affine):
             problems.append("layer_norm is not an affine LayerNorm over [N, C]")
-        if not has_t3:
-            problems.append("transformer_3 missing (an ITP model is TORE-FastMETRO with GTR)")
+        if not has_t3 or metro:
+            problems.append("transformer_1/2/3 missing (an ITP model is TORE-FastMETRO with GTR)")
         else:
             layers = getattr(getattr(model.transformer_3, "decoder", None), "layers", None)
             layer = layers[0] if isinstance(layers, nn.ModuleList) and len(layers) else None
@@ -170,6 +184,8 @@ def _recognise(model):
     if problems:
         raise ValueError(f"patch: {type(model).__name__} is not a recognised model structure. Looked for: "
                          f"{_LOOKED_FOR}. Found problems: {'; '.join(problems)}")
+    if metro:
+        return "TORE-METRO", ("transformer_3",), slots, False
     if has_t3:
         kind = "TORE-FastMETRO (ITP + GTR)" if has_itp else "TORE-FastMETRO (GTR)"
         return kind, ("transformer_3",), slots, has_itp

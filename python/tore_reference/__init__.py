@@ -8,3 +8,4 @@ from .position_encoding import PositionEmbeddingSine, build_position_encoding
 from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
                           TransformerEncoderLayer, build_transformer)
 from .fastmetro import FastMETROHead, ToreFastMETROHead, vertex_attention_mask
+from .metro import ToreMETROHead

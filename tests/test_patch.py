@@ -258,3 +258,61 @@ def test_train_mode_gradients_match(kind, topo, features):
             continue
         torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()) + 1e-7,
                                    msg=lambda m: f"{name}: {m}")
+
+
+# patch(dtype=torch.bfloat16): linears, convs and attention take bf16 inputs (8 significant bits: each rounding is
+# at most 2^-9 relative). The ~10 residual blocks add such perturbations roughly independently, so the outputs are
+# off by a few 2^-9 of their range: measured <= 0.8 % of each output's range (max - min) over these four models x
+# 3 seeds. 2 % (~10 x 2^-9) leaves margin; a wrong mask or weight gives errors of the order of the range itself.
+BF16_BOUND = 0.02
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_bf16_error_bounded_outputs_fp32_state_unchanged(kind, topo, features):
+    model = build(kind, topo)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = outputs(model, features)
+        patch(model, dtype=torch.bfloat16)
+        assert "bf16 autocast" in str(patch_report(model))
+        assert patch(model, dtype=torch.bfloat16) is model  # idempotent
+        with pytest.raises(ValueError, match="dtype"):
+            patch(model)  # another dtype: unpatch first
+        got = outputs(model, features)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert model.state_dict().keys() == state.keys()
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+        for i, (g, r) in enumerate(zip(got, ref)):
+            assert g.dtype == torch.float32 and g.shape == r.shape, f"output {i}"
+            error = float((g - r).abs().max()) / float(r.max() - r.min())
+            # above fp32 noise (~1e-6): bf16 really ran; below the bound: it ran where it is safe
+            assert 1e-4 < error <= BF16_BOUND, f"output {i}: error {error:.2e} of its range"
+        unpatch(model)
+        assert all(torch.equal(u, v) for u, v in zip(outputs(model, features), ref))
+    assert not any(isinstance(m, AdjacencyMultiheadAttention) for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", ["tore_itp", "tore_metro"])
+def test_bf16_train_mode_gradients_flow(kind, topo, features):
+    eager = build(kind, topo, dropout=0.0).train()
+    fast = patch(copy.deepcopy(eager), dtype=torch.bfloat16)
+    torch.manual_seed(3)
+    weights = [torch.randn_like(o) for o in outputs(eager, features)]
+    for model in (eager, fast):
+        sum(((o * w).sum() for o, w in zip(outputs(model, features), weights))).backward()
+    grads = dict(eager.named_parameters())
+    for name, p in fast.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and bool(p.grad.isfinite().all()), name
+    # all gradients as one vector: same direction and size as fp32's up to bf16 rounding (a few 2^-9 per block)
+    g16 = torch.cat([p.grad.flatten() for _, p in fast.named_parameters()])
+    g32 = torch.cat([grads[n].grad.flatten() for n, _ in fast.named_parameters()])
+    assert float((g16 - g32).norm() / g32.norm()) <= BF16_BOUND
+
+
+def test_bf16_bad_dtype_raises(topo):
+    model = build("tore_gtr", topo)
+    with pytest.raises(ValueError, match="dtype"):
+        patch(model, dtype=torch.float16)
+    with pytest.raises(ValueError, match="fp32 model"):
+        patch(model.double(), dtype=torch.bfloat16)
+    assert patch_report(model) is None

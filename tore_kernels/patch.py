@@ -37,6 +37,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .nn.attention import AdjacencyMultiheadAttention
@@ -56,7 +57,8 @@ _ITP_FORWARD_PARTS = {
     "position_encoding_3": nn.Module, "dim_reduce_enc": nn.Linear, "dim_reduce_dec": nn.Linear,
     "cam_predictor": nn.Linear, "xyz_regressor_j": nn.Linear, "xyz_regressor_v": nn.Linear,
 }
-# the released pre-norm decoder layer, whose first instance in transformer_3 shares its self-attention over the batch
+# the released pre-norm layers (their eval forward is replaced by one without no-op masks and copies)
+_ENCODER_LAYER_PARTS = ("norm1", "norm2", "self_attn", "linear1", "linear2", "dropout", "dropout1", "dropout2")
 _DECODER_LAYER_PARTS = ("norm1", "norm2", "norm3", "self_attn", "multihead_attn", "linear1", "linear2", "dropout",
                         "dropout1", "dropout2", "dropout3")
 _LOOKED_FOR = (
@@ -92,6 +94,7 @@ class PatchReport:
 class _State:
     report: PatchReport
     originals: list  # (parent module or model, attribute name or "__class__", original object or class)
+    bf16: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,12 +178,12 @@ def _recognise(model):
             problems.append("layer_norm is not an affine LayerNorm over [N, C]")
         if not has_t3 or metro:
             problems.append("transformer_1/2/3 missing (an ITP model is TORE-FastMETRO with GTR)")
-        else:
-            layers = getattr(getattr(model.transformer_3, "decoder", None), "layers", None)
-            layer = layers[0] if isinstance(layers, nn.ModuleList) and len(layers) else None
-            missing = [a for a in _DECODER_LAYER_PARTS if not isinstance(getattr(layer, a, None), nn.Module)]
-            if missing or not callable(getattr(layer, "activation", None)):
-                problems.append(f"transformer_3.decoder.layers.0 lacks {', '.join(missing) or 'activation'}")
+    for name in names:
+        for part, parts in (("encoder", _ENCODER_LAYER_PARTS), ("decoder", _DECODER_LAYER_PARTS)):
+            for i, layer in enumerate(getattr(getattr(getattr(model, name, None), part, None), "layers", None) or ()):
+                missing = [a for a in parts if not isinstance(getattr(layer, a, None), nn.Module)]
+                if missing or not callable(getattr(layer, "activation", None)):
+                    problems.append(f"{name}.{part}.layers.{i} lacks {', '.join(missing) or 'activation'}")
     if problems:
         raise ValueError(f"patch: {type(model).__name__} is not a recognised model structure. Looked for: "
                          f"{_LOOKED_FOR}. Found problems: {'; '.join(problems)}")
@@ -209,8 +212,8 @@ def _sequence(encoding, batch_size, tokens, device, dtype):
     return encoding(batch_size, tokens, 1, device).flatten(2).permute(2, 0, 1).to(dtype)
 
 
-def _per_sample(embedding, batch_size):
-    return embedding.weight.unsqueeze(1).repeat(1, batch_size, 1)
+def _broadcast_embedding(embedding, batch_size):
+    return embedding.weight.unsqueeze(1).expand(-1, batch_size, -1)  # [L, B, E], stride 0 over B
 
 
 def _fused_itp_forward(self, features):
@@ -224,20 +227,23 @@ def _fused_itp_forward(self, features):
     batch_size = features.shape[0]
     dtype, device = features.dtype, features.device
     conv, fc, ln = self.token_selector_conv2d, self.token_selector_fc, self.layer_norm
-    img_tokens, token_heatmap = image_token_prune(self.conv_1x1(features), conv.weight, conv.bias, fc.weight, fc.bias,
-                                                  ln.weight, ln.bias, eps=ln.eps, seq_first=True)  # [N, B, E1]
+    img_features = self.conv_1x1(features)
+    with torch.autocast(device.type, enabled=False):  # under patch(dtype=bf16) too: the fused ITP runs in fp32
+        img_tokens, token_heatmap = image_token_prune(img_features.to(dtype), conv.weight, conv.bias, fc.weight,
+                                                      fc.bias, ln.weight, ln.bias, eps=ln.eps,
+                                                      seq_first=True)  # [N, B, E1]
     n = img_tokens.shape[0]
     pos_1 = _sequence(self.position_encoding_1, batch_size, n, device, dtype)
     pos_2 = _sequence(self.position_encoding_2, batch_size, n, device, dtype)
-    cam_1, enc_img_1, j_1 = self.transformer_1(img_tokens, _per_sample(self.cam_token_embed, batch_size),
-                                               _per_sample(self.joint_token_embed, batch_size), pos_1,
+    # the token embeddings broadcast, not repeated: the first decoder layers share their work over the batch
+    cam_1, enc_img_1, j_1 = self.transformer_1(img_tokens, _broadcast_embedding(self.cam_token_embed, batch_size),
+                                               _broadcast_embedding(self.joint_token_embed, batch_size), pos_1,
                                                attention_mask=None)
     cam_2, _, j_2 = self.transformer_2(self.dim_reduce_enc(enc_img_1), self.dim_reduce_enc(cam_1),
                                        self.dim_reduce_dec(j_1), pos_2, attention_mask=None)
     cam_parameter = self.cam_predictor(cam_2).view(batch_size, 3)
     pos_3 = _sequence(self.position_encoding_3, batch_size, j_2.shape[0], device, dtype)
-    # broadcast, not repeated: the first decoder layer sees the stride-0 batch axis and shares its self-attention
-    v_tokens = self.vertex_token_embed.weight.unsqueeze(1).expand(-1, batch_size, -1)
+    v_tokens = _broadcast_embedding(self.vertex_token_embed, batch_size)
     _, _, v_features = self.transformer_3(j_2, cam_2, v_tokens, pos_3,
                                           attention_mask=self.attention_mask)
     joints = self.xyz_regressor_j(j_2.transpose(0, 1))
@@ -247,30 +253,158 @@ def _fused_itp_forward(self, features):
     return cam_parameter, joints, coarse, mid, fine, token_heatmap
 
 
-def _shared_query_decoder_forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
-                                  memory_key_padding_mask=None, pos=None, query_pos=None):
-    """The released pre-norm decoder layer. When its queries are one set of embeddings broadcast over the batch
-    (a stride-0 batch axis: the fused forward passes the vertex tokens so), ``query_pos`` is the same for every
-    sample and dropout is off, the self-attention block sees identical tokens in every sample: it runs on one
-    and is broadcast (at batch 32 this saves 31/32 of the first layer's 431-token self-attention)."""
-    if (self.training or tgt.dim() != 3 or tgt.shape[1] < 2 or tgt.stride(1) != 0
-            or tgt_key_padding_mask is not None
-            or (query_pos is not None and not torch.equal(query_pos, query_pos[:, :1].expand_as(query_pos)))):
+def _broadcast(x):
+    """True when ``x [L, B, E]`` is one sample broadcast over the batch (a stride-0 batch axis)."""
+    return x.dim() == 3 and x.shape[1] > 1 and x.stride(1) == 0
+
+
+def _linear(x, weight, bias):
+    """F.linear, once for a batch-broadcast ``x``."""
+    if _broadcast(x):
+        return F.linear(x[:, :1], weight, bias).expand(-1, x.shape[1], -1)
+    return F.linear(x, weight, bias)
+
+
+def _attend(mha, query, key, value, attn_mask=None):
+    """``mha(query, key, value, attn_mask=attn_mask)[0]`` in eval mode. Masked calls go to the module (the
+    neighbour-list kernel). Dense ones run SDPA on views of the in-projection (packed when inputs coincide; once
+    for a batch-broadcast query) and out-project SDPA's ``[B, L, H, d]`` memory as it is: no mask merging, no
+    head-averaged weights, no copies. Returns ``[L, B, E]`` (a transposed view)."""
+    if attn_mask is not None or mha.training or not mha._qkv_same_embed_dim or mha.bias_k is not None \
+            or mha.add_zero_attn or mha.batch_first or mha.in_proj_bias is None:
+        return mha(query, key, value=value, attn_mask=attn_mask)[0]
+    E, H = mha.embed_dim, mha.num_heads
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    if query is key and key is value:
+        q, k, v = _linear(query, w, b).unflatten(-1, (3, H, -1)).unbind(-3)
+    else:
+        q = _linear(query, w[:E], b[:E]).unflatten(-1, (H, -1))
+        if key is value:
+            k, v = _linear(key, w[E:], b[E:]).unflatten(-1, (2, H, -1)).unbind(-3)
+        else:
+            k = _linear(key, w[E:2 * E], b[E:2 * E]).unflatten(-1, (H, -1))
+            v = _linear(value, w[2 * E:], b[2 * E:]).unflatten(-1, (H, -1))
+    if q.shape[1] != k.shape[1]:  # a broadcast query over per-sample keys
+        q = q.expand(-1, k.shape[1], -1, -1)
+    out = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)))  # [B, H, L, d]
+    out = out.transpose(1, 2).flatten(2)  # [B, L, E]: a view of SDPA's memory order
+    return F.linear(out, mha.out_proj.weight, mha.out_proj.bias).transpose(0, 1)
+
+
+def _mlp(layer, x, norm):
+    h = layer.linear1(norm(x))
+    h = h.relu_() if layer.activation is F.relu else layer.activation(h)  # in place: h is ours
+    return layer.linear2(h)
+
+
+def _add(x, y, own):
+    """``x + y``, in place when ``x`` is a tensor this forward made and autograd does not need it."""
+    return x.add_(y) if own and not torch.is_grad_enabled() else x + y
+
+
+def _fast_encoder_forward(self, src, src_mask=None, src_key_padding_mask=None, pos=None):
+    """The released pre-norm encoder layer (eval mode, no masks; otherwise the released forward runs)."""
+    if self.training or src_mask is not None or src_key_padding_mask is not None:
+        return type(self).__bases__[0].forward(self, src, src_mask=src_mask,
+                                               src_key_padding_mask=src_key_padding_mask, pos=pos)
+    y = self.norm1(src)
+    q = y if pos is None else torch.cat([y[:1], y[1:] + pos], dim=0)  # the camera token gets no position
+    x = src + _attend(self.self_attn, q, q, y)
+    return _add(x, _mlp(self, x, self.norm2), True)
+
+
+def _fast_decoder_forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                          memory_key_padding_mask=None, pos=None, query_pos=None):
+    """The released pre-norm decoder layer (eval mode; otherwise the released forward runs). When its queries
+    are one set of embeddings broadcast over the batch (a stride-0 batch axis: the fused forward passes the joint
+    and vertex tokens so) and ``query_pos`` is the same for every sample, the self-attention block sees identical tokens in every
+    sample: it runs on one and is broadcast (at batch 32 this saves 31/32 of the first layer's 431-token
+    self-attention), and so does the cross-attention's query projection."""
+    if (self.training or memory_mask is not None or tgt_key_padding_mask is not None
+            or memory_key_padding_mask is not None):
         return type(self).__bases__[0].forward(self, tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
                                                tgt_key_padding_mask=tgt_key_padding_mask,
                                                memory_key_padding_mask=memory_key_padding_mask, pos=pos,
                                                query_pos=query_pos)
-    t = tgt[:, :1]
-    qp = None if query_pos is None else query_pos[:, :1]
+    shared = _broadcast(tgt) and (query_pos is None or torch.equal(query_pos, query_pos[:, :1].expand_as(query_pos)))
+    t, qp = (tgt[:, :1], None if query_pos is None else query_pos[:, :1]) if shared else (tgt, query_pos)
     y = self.norm1(t)
-    q = k = y if qp is None else y + qp
-    t = t + self.dropout1(self.self_attn(q, k, value=y, attn_mask=tgt_mask)[0])
+    q = y if qp is None else y + qp
+    t = t + _attend(self.self_attn, q, q, y, attn_mask=tgt_mask)
     query = self.norm2(t) if qp is None else self.norm2(t) + qp
-    y = self.multihead_attn(query=query.expand(-1, tgt.shape[1], -1), key=memory if pos is None else memory + pos,
-                            value=memory, attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask)[0]
-    tgt = t + self.dropout2(y)
-    y = self.linear2(self.dropout(self.activation(self.linear1(self.norm3(tgt)))))
-    return tgt + self.dropout3(y)
+    if shared:
+        query, t = query.expand(-1, tgt.shape[1], -1), t.expand(-1, tgt.shape[1], -1)
+    t = t + _attend(self.multihead_attn, query, memory if pos is None else memory + pos, memory)
+    return _add(t, _mlp(self, t, self.norm3), True)
+
+
+def _fast_transformer_forward(self, img_features, cam_token, jv_tokens, pos_embed, attention_mask=None):
+    """The released ``Transformer.forward`` in eval mode without its all-False key-padding masks and all-zero
+    ``query_pos`` (no-ops that cost a mask merge per attention call and two additions per decoder layer)."""
+    if self.training:
+        return type(self).__bases__[0].forward(self, img_features, cam_token, jv_tokens, pos_embed,
+                                               attention_mask=attention_mask)
+    x = torch.cat([cam_token, img_features], dim=0)
+    for layer in self.encoder.layers:
+        x = layer(x, pos=pos_embed)
+    memory = x if self.encoder.norm is None else self.encoder.norm(x)
+    cam_features, enc_img_features = memory.split([1, img_features.shape[0]], dim=0)
+    t = jv_tokens
+    for layer in self.decoder.layers:
+        t = layer(t, enc_img_features, tgt_mask=attention_mask, pos=pos_embed)
+    return cam_features, enc_img_features, t if self.decoder.norm is None else self.decoder.norm(t)
+
+
+# ----------------------------------------------------------------------------------------------
+# patch(model, dtype=torch.bfloat16): autocast around the model's forward
+# ----------------------------------------------------------------------------------------------
+# Linears whose outputs are the model's coordinates / camera (and FastMETRO's learned 431 -> 1723 upsampling
+# of coordinates): cheap, and bf16's 8-bit mantissa would round every output to ~0.4 % of its value.
+_FP32_HEADS = ("cam_predictor", "xyz_regressor", "xyz_regressor_j", "xyz_regressor_v", "coarse2intermediate_upsample")
+
+
+def _to_fp32(out):
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.dtype == torch.bfloat16 else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_to_fp32(o) for o in out)
+    if isinstance(out, dict):
+        return type(out)((k, _to_fp32(v)) for k, v in out.items())
+    return out
+
+
+def _in_bf16(self, forward, args, kwargs):
+    """``forward`` under bf16 autocast: linears, convs, matmuls and attention take bf16 inputs (with fp32
+    accumulation in oneDNN / SDPA); LayerNorm, softmax statistics, the residual stream (fp32 + bf16 -> fp32),
+    the fused ITP, the output heads and the mesh upsampling stay fp32; outputs come back as fp32."""
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        return _to_fp32(forward(self, *args, **kwargs))
+
+
+def _bf16_forward(self, *args, **kwargs):
+    return _in_bf16(self, type(self).__bases__[0].forward, args, kwargs)
+
+
+def _bf16_fused_itp_forward(self, *args, **kwargs):
+    return _in_bf16(self, _fused_itp_forward, args, kwargs)
+
+
+class _FP32MeshSampler(MeshSampler):
+    """The batched sampler with autocast off: the sparse products have no bf16 kernel, and coordinates stay fp32."""
+
+    def upsample(self, x, n1=1, n2=0):
+        with torch.autocast(x.device.type, enabled=False):
+            return super().upsample(x.float(), n1, n2)
+
+    def downsample(self, x, n1=0, n2=None):
+        with torch.autocast(x.device.type, enabled=False):
+            return super().downsample(x.float(), n1, n2)
+
+
+def _fp32_linear_forward(self, input):
+    with torch.autocast(input.device.type, enabled=False):
+        return F.linear(input.to(self.weight.dtype), self.weight, self.bias)
 
 
 _PATCHED_CLASSES: dict[tuple, type] = {}
@@ -300,41 +434,70 @@ def _patched_class(cls, forward):
 # ----------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------
-def patch(model: nn.Module, *, verbose: bool = False) -> nn.Module:
+def patch(model: nn.Module, *, dtype: torch.dtype | None = None, verbose: bool = False) -> nn.Module:
     """Swap the fused modules into ``model`` in place and return it (see the module docstring).
 
+    ``dtype=torch.bfloat16`` (opt-in; None / torch.float32 = fp32, unchanged numerics) also runs the model's
+    forward under bf16 autocast (see ``_in_bf16``): parameters and state_dict stay fp32, outputs are fp32.
+
     Raises TypeError if ``model`` is not an ``nn.Module``, ValueError naming what was looked for if its
-    structure is not recognised (the model is then left untouched). Patching a patched model does nothing.
+    structure is not recognised (the model is then left untouched). Patching a patched model with the same
+    dtype does nothing (with another dtype: ValueError, unpatch first).
     The report is ``patch_report(model)``; ``verbose=True`` also logs it at INFO on the ``tore_kernels`` logger.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if dtype not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype must be None, torch.float32 or torch.bfloat16, got {dtype!r}")
+    bf16 = dtype == torch.bfloat16
     inner = _unwrap(model)
     state = inner.__dict__.get(_STATE)
+    if state is not None and state.bf16 != bf16:
+        raise ValueError(f"dtype: the model is already patched with dtype="
+                         f"{'torch.bfloat16' if state.bf16 else 'None'}; unpatch it before patching with {dtype!r}")
     if state is None:
         kind, masked, slots, fused_itp = _recognise(inner)
+        if bf16:
+            wrong = sorted({str(p.dtype) for p in inner.parameters()} - {"torch.float32"})
+            if wrong:
+                raise ValueError(f"dtype=torch.bfloat16 needs an fp32 model (it autocasts), got parameters in {wrong}")
         # build every replacement first: nothing is assigned until all of them exist
-        sampler = MeshSampler.from_sampler(inner.mesh_sampler)
+        sampler = (_FP32MeshSampler if bf16 else MeshSampler).from_sampler(inner.mesh_sampler)
         replacements = [(path, parent, attr, mha, _adjacency_attention(mha)) for path, parent, attr, mha, _ in slots]
         swapped = [(path, type(mha).__name__, "AdjacencyMultiheadAttention ("
                     + ("mesh mask" if masked_self and path.split(".")[0] in masked else "weights skipped") + ")")
                    for path, _, _, mha, masked_self in slots]
         swapped.append(("mesh_sampler", type(inner.mesh_sampler).__name__, "MeshSampler (batched)"))
+        transformers = sorted({path.split(".")[0] for path, *_ in slots})
+        swapped += [(f"{name}.forward", "Transformer.forward", "eval: no no-op masks / zero query_pos; layers run "
+                     "SDPA on projection views, in-place ReLU and residuals, broadcast queries once")
+                    for name in transformers]
         if fused_itp:
-            swapped.append(("transformer_3.decoder.layers.0.forward", "per-sample self-attention",
-                            "self-attention of the broadcast vertex queries computed once"))
-            swapped.append(("forward", "inline ITP", "fused image_token_prune"))
-        state = _State(PatchReport(kind, tuple(swapped)), [])
+            swapped.append(("forward", "inline ITP", "fused image_token_prune, broadcast token embeddings"))
+        heads = [name for name in _FP32_HEADS if isinstance(getattr(inner, name, None), nn.Linear)] if bf16 else []
+        if bf16:
+            swapped += [(name, "Linear", "Linear kept in fp32 under autocast") for name in heads]
+            swapped.append(("forward", "fp32", "bf16 autocast (LayerNorm, softmax statistics, residuals, "
+                            "ITP, upsampling and outputs in fp32)"))
+        state = _State(PatchReport(kind, tuple(swapped)), [], bf16)
         for _, parent, attr, mha, new in replacements:
             state.originals.append((parent, attr, mha))
             setattr(parent, attr, new)
         state.originals.append((inner, "mesh_sampler", inner.mesh_sampler))
         inner.mesh_sampler = sampler
+        forwards = [(getattr(inner, name), _fp32_linear_forward) for name in heads]
+        for name in transformers:
+            t = getattr(inner, name)
+            forwards.append((t, _fast_transformer_forward))
+            forwards += [(layer, _fast_encoder_forward) for layer in t.encoder.layers]
+            forwards += [(layer, _fast_decoder_forward) for layer in t.decoder.layers]
         if fused_itp:
-            for obj, forward in ((inner.transformer_3.decoder.layers[0], _shared_query_decoder_forward),
-                                 (inner, _fused_itp_forward)):
-                state.originals.append((obj, "__class__", type(obj)))
-                obj.__class__ = _patched_class(type(obj), forward)
+            forwards.append((inner, _bf16_fused_itp_forward if bf16 else _fused_itp_forward))
+        elif bf16:
+            forwards.append((inner, _bf16_forward))
+        for obj, forward in forwards:
+            state.originals.append((obj, "__class__", type(obj)))
+            obj.__class__ = _patched_class(type(obj), forward)
         inner.__dict__[_STATE] = state
     if verbose:
         _LOG.info("%s", state.report)

@@ -136,7 +136,7 @@ def _cached(mask: torch.Tensor, dense_row_degree: int | None, strict: bool) -> N
             if hit[2] is None and strict:
                 _blocked(mask, strict=True)  # raises the explanatory error
             return hit[2]
-    blocked = _blocked(mask.detach(), strict)
+    blocked = _blocked(mask, strict)  # checks the type first (a list has no .detach); the result is a bool tensor
     table = None if blocked is None else _build(blocked, dense_row_degree)
     with _CACHE_LOCK:
         try:  # drop the entry when the mask dies, so a new tensor reusing the id never hits it

@@ -66,6 +66,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         entries = harness.discover()
         print("\n".join(sorted(entries)) if entries else "no benchmark entries")
         return EXIT_OK
+    try:  # before anything runs: an unusable --out must not cost a whole benchmark run
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out: cannot create the directory {args.out!r} ({exc})") from exc
     result = harness.run(args.entries or None, device=args.device, quick=args.quick, out_dir=args.out,
                          plot=args.plot, progress=not args.no_progress)
     bad = [r for r in result["results"] if r["status"] != "ok"]

@@ -24,8 +24,8 @@ class ImageTokenPruner(nn.Module):
             raise ValueError(f"ImageTokenPruner: in_channels must be a positive multiple of 4, got {in_channels!r}")
         try:
             grid_size = tuple(int(g) for g in grid_size)
-        except TypeError:
-            raise TypeError(f"ImageTokenPruner: grid_size must be a pair (H, W), got {grid_size!r}") from None
+        except (TypeError, ValueError):  # not iterable, or items int() refuses ("ab")
+            raise TypeError(f"ImageTokenPruner: grid_size must be a pair of ints (H, W), got {grid_size!r}") from None
         if len(grid_size) != 2 or min(grid_size) < 1:
             raise ValueError(f"ImageTokenPruner: grid_size must be a pair of positive ints (H, W), got {grid_size!r}")
         hw = grid_size[0] * grid_size[1]

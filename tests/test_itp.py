@@ -280,3 +280,34 @@ def test_gpu_report_configs_cover_every_launch():
                     assert key in reported, (hw, n, dtype, cfg)
     # kernel 1 keeps the GELU activations out of global memory: fewer bytes than the eager ops it replaces
     assert all(c.bytes_fused < c.bytes_eager for c in configs if c.kernel is itp._itp_logits_kernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# the C++ post-conv op behind the CPU path
+# ----------------------------------------------------------------------------------------------
+def _post_conv_args(B, C, H, W, N, dtype):
+    x, ref, _ = _case(B, C, H, W, N, dtype)
+    cw, cb, *rest = _args(ref)
+    return [torch.nn.functional.conv2d(x, cw, cb, padding=1), x, *rest]
+
+
+@pytest.mark.skipif(not itp.HAS_POST_CONV_OP, reason="tore_kernels._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("seq_first", [False, True])
+def test_post_conv_opcheck(dtype, seq_first):
+    args = _post_conv_args(2, 20, 3, 5, 7, dtype)  # C % 8 != 0 and odd H*W exercise the kernel's edge tiles
+    if dtype == torch.float64:
+        args = [t.requires_grad_() for t in args]
+    torch.library.opcheck(torch.ops.tore_kernels.image_token_prune_post_conv, (*args, 1e-5, seq_first))
+
+
+@pytest.mark.skipif(not itp.HAS_POST_CONV_OP, reason="tore_kernels._C not built")
+@pytest.mark.parametrize("B,C,H,W,N,dtype", [(3, 512, 7, 7, 39, torch.float32), (2, 40, 14, 14, 196, torch.float32),
+                                             (2, 20, 3, 5, 7, torch.float16)])
+def test_cpu_path_through_post_conv_op(B, C, H, W, N, dtype):
+    """The production shape and the kernel's edge tiles (C % 8 != 0, N = H*W) against tore_reference; the
+    profiler shows the C++ op ran."""
+    assert itp.backend.choose(itp.OP, "cpu") == "cpu"
+    with torch.profiler.profile() as prof:
+        _check(B, C, H, W, N, dtype)
+    assert any(e.key == "tore_kernels::image_token_prune_post_conv" for e in prof.key_averages())

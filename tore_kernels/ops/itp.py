@@ -4,7 +4,10 @@
 ``[N, HW]``) and ``LayerNorm_[N,C](A @ F_flat)`` (the tokens ``[N, C]``). Implementations:
 
 * ``reference``: the eager sequence exactly as the released code writes it (the fallback).
-* ``cpu``: the same maths with everything after the conv reshaped so no transpose or copy is made:
+* ``cpu`` on CPU tensors: oneDNN's conv, then one C++ op (``torch.ops.tore_kernels.image_token_prune_post_conv``,
+  csrc/itp/itp_cpu.cpp) for GELU, fc, softmax, ``A @ F`` and LayerNorm in a single parallel loop over the batch.
+* ``cpu`` elsewhere (and the recompute in backward): the same maths in torch, everything after the conv reshaped
+  so no transpose or copy is made:
   the linear applied as ``fc_weight @ h`` (one baddbmm with the bias) so the logits come out
   already in the heatmap layout ``[B, N, HW]`` (softmax then runs over the contiguous axis), the
   projection as one ``bmm`` against a transposed view of ``F``, and one ``layer_norm`` call.
@@ -92,17 +95,54 @@ def _reference_forward(x, cw, cb, fw, fb, lw, lb, eps):
     return F.layer_norm(tokens, tuple(lw.shape), lw, lb, eps), heatmap
 
 
-def _torch_forward(x, cw, cb, fw, fb, lw, lb, eps):
-    """Same maths, no transposes or copies after the conv."""
+def _post_conv_torch(conv, x, fw, fb, lw, lb, eps):
+    """Everything after the conv (its output ``conv`` includes the bias), with no transposes or copies."""
     B, C, H, W = x.shape
     N = fw.shape[0]
     # reshape, not view: a channels_last input gives a channels_last conv output (then one copy is made)
-    h = F.gelu(F.conv2d(x, cw, cb, padding=1).reshape(B, C // 4, H * W))  # (aten's in-place gelu_ is no faster)
+    h = F.gelu(conv.reshape(B, C // 4, H * W))  # (aten's in-place gelu_ is no faster)
     # fc as fc_weight @ h: logits land in [B, N, HW] (the heatmap layout), bias added by the GEMM
     logits = torch.baddbmm(fb.view(1, N, 1), fw.expand(B, N, C // 4), h)
     heatmap = torch.softmax(logits, dim=2)
     tokens = torch.bmm(heatmap, x.reshape(B, C, H * W).transpose(1, 2))
     return F.layer_norm(tokens, (N, C), lw, lb, eps), heatmap
+
+
+def _torch_forward(x, cw, cb, fw, fb, lw, lb, eps):
+    """Same maths as the reference, no transposes or copies after the conv."""
+    return _post_conv_torch(F.conv2d(x, cw, cb, padding=1), x, fw, fb, lw, lb, eps)
+
+
+# The C++ CPU kernel (csrc/itp/itp_cpu.cpp) fuses everything after the conv into one parallel loop over the
+# batch; the conv stays oneDNN's (and autograd's). Its backward recomputes _post_conv_torch from the saved
+# conv output and differentiates it (cheap next to the conv's own backward).
+HAS_POST_CONV_OP = backend.HAS_EXTENSION and hasattr(torch.ops.tore_kernels, "image_token_prune_post_conv")
+
+if HAS_POST_CONV_OP:
+    @torch.library.register_fake("tore_kernels::image_token_prune_post_conv")
+    def _post_conv_fake(conv, x, fw, fb, lw, lb, eps, seq_first):
+        B, C, H, W = x.shape
+        N = fw.shape[0]
+        return x.new_empty((N, B, C) if seq_first else (B, N, C)), x.new_empty((B, N, H * W))
+
+    def _post_conv_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:6])
+        ctx.eps, ctx.seq_first = inputs[6], inputs[7]
+
+    def _post_conv_backward(ctx, d_tokens, d_heatmap):
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+        with torch.enable_grad():
+            tokens, heatmap = _post_conv_torch(*inputs, ctx.eps)
+        if ctx.seq_first and d_tokens is not None:
+            d_tokens = d_tokens.transpose(0, 1)
+        pairs = [(out, grad) for out, grad in ((tokens, d_tokens), (heatmap, d_heatmap)) if grad is not None]
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                     if pairs and wanted else ())
+        return (*[next(grads) if t.requires_grad else None for t in inputs], None, None)
+
+    torch.library.register_autograd("tore_kernels::image_token_prune_post_conv", _post_conv_backward,
+                                    setup_context=_post_conv_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,6 +390,10 @@ def image_token_prune(features, conv_weight, conv_bias, fc_weight, fc_bias, ln_w
             warnings.warn(f"image_token_prune: the Triton kernel does not cover this input ({why}); "
                           "using the torch path.", RuntimeWarning, stacklevel=2)
         impl = "cpu"
+    if impl == "cpu" and HAS_POST_CONV_OP and features.device.type == "cpu":
+        return torch.ops.tore_kernels.image_token_prune_post_conv(
+            F.conv2d(features, conv_weight, conv_bias, padding=1), features, fc_weight, fc_bias, ln_weight, ln_bias,
+            float(eps), bool(seq_first))
     tokens, heatmap = (_reference_forward if impl == "reference" else _torch_forward)(*args, eps)
     return (tokens.transpose(0, 1).contiguous() if seq_first else tokens), heatmap
 

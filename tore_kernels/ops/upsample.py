@@ -78,11 +78,7 @@ class _Prepared:
     @staticmethod
     def _place(m, device, dtype, impl):
         m = m.to(device=device, dtype=dtype)
-        if impl != "cpu":
-            return m
-        with warnings.catch_warnings():  # torch flags every CSR tensor as beta; this use is covered by tests
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            return m.to_sparse_csr()
+        return m.to_sparse_csr() if impl == "cpu" else m
 
 
 _LOCK = threading.Lock()
@@ -92,13 +88,16 @@ _PREPARED: collections.OrderedDict = collections.OrderedDict()
 def _prepared(matrices, device, dtype, impl) -> _Prepared:
     """Cached per matrix identity and version: a model pays the conversion once."""
     key = (tuple(id(m) for m in matrices), tuple(m._version for m in matrices), device, dtype, impl)
+    # Built under the lock too: catch_warnings swaps the process-wide warning filters, so two threads building
+    # at once could leak the warning, or leave its filter installed for good.
     with _LOCK:
         hit = _PREPARED.get(key)
         if hit is not None and all(ref() is m for ref, m in zip(hit[0], matrices)):  # ids can be reused
             _PREPARED.move_to_end(key)
             return hit[1]
-    prepared = _Prepared(matrices, device, dtype, impl)
-    with _LOCK:
+        with warnings.catch_warnings():  # torch flags CSR (ours, and inside sparse.mm) as beta; covered by tests
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            prepared = _Prepared(matrices, device, dtype, impl)
         _PREPARED[key] = (tuple(weakref.ref(m) for m in matrices), prepared)
         while len(_PREPARED) > _CACHE_SIZE:
             _PREPARED.popitem(last=False)

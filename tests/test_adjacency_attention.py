@@ -200,6 +200,77 @@ def test_opcheck():
                                                           0.3))
 
 
+def reference_weights(q, k, blocked, scale):
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    return scores.masked_fill(blocked, float("-inf")).softmax(-1).mean(1)
+
+
+# (H, d, dtype, unit last-dim stride): the fused fp32 kernel for d % 8 == 0 with head counts that are not a
+# multiple of 8 and H * d not a multiple of 32 (its tails), the generic kernel otherwise
+WEIGHTS_CASES = [(8, 16, torch.float32, True), (3, 8, torch.float32, True), (5, 24, torch.float32, True),
+                 (2, 128, torch.float32, True), (9, 16, torch.float32, True), (2, 12, torch.float32, True),
+                 (3, 16, torch.float32, False), (4, 16, torch.float64, True), (2, 16, torch.bfloat16, True)]
+
+
+@needs_ext
+@pytest.mark.parametrize("H,d,dtype,unit", WEIGHTS_CASES)
+@pytest.mark.parametrize("graph", ["hub_leaf_split", "prefix445"])
+def test_forward_weights_op(graph, H, d, dtype, unit):
+    blocked = GRAPHS[graph]()
+    L = blocked.shape[0]
+    t = aa.neighbour_table(blocked, dense_row_degree=L)  # every row sparse: the kernel writes all weights
+    q, k, v = qkv_views(2, H, L, d, dtype, seed=H * d)
+    if not unit:
+        k = k.transpose(-1, -2).contiguous().transpose(-1, -2)
+    scale = d ** -0.5
+    out, lse, weights = torch.ops.tore_kernels.adjacency_attention_forward_weights(
+        q, k, v, t.index, t.count, t.shared, scale, aa.LAYOUT_LBHD)
+    out2, lse2 = torch.ops.tore_kernels.adjacency_attention_forward(q, k, v, t.index, t.count, t.shared, scale,
+                                                                    aa.LAYOUT_LBHD)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out, reference(q, k, v, blocked), atol=atol, rtol=rtol)
+    want = reference_weights(q, k, blocked, scale)
+    assert weights.shape == (2, L, L) and weights.dtype == dtype
+    torch.testing.assert_close(weights.double(), want, atol=atol / 10, rtol=rtol)
+    assert not weights[blocked.expand(2, L, L)].any()  # blocked pairs are exactly zero
+
+
+@needs_ext
+def test_averaged_weights_with_dense_rows(monkeypatch):
+    monkeypatch.setenv("TORE_KERNELS_BACKEND", "cpu")
+    blocked = GRAPHS["prefix445"]()
+    t = aa.neighbour_table(blocked)
+    assert t.dense_rows.numel() == 14
+    q, k, v = qkv_views(2, 8, 445, 16, torch.float32, seed=3)
+    out, weights = aa.attention_with_averaged_weights(q, k, v, t, 0.25, aa.LAYOUT_LBHD)
+    torch.testing.assert_close(out, reference(q, k, v, blocked), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(weights.double(), reference_weights(q, k, blocked, 0.25), atol=2e-6, rtol=2e-5)
+
+
+@needs_ext
+def test_forward_weights_nan_input_propagates():
+    blocked = ~random_graph(20, 0.2, 14)
+    t = aa.neighbour_table(blocked)
+    q, k, v = qkv_views(1, 8, 20, 16, torch.float32)
+    k = k.clone()
+    k[0, 3, 0, 5] = float("nan")  # key 0 of head 3: every row that sees key 0 gets NaN in head 3
+    out, _, weights = torch.ops.tore_kernels.adjacency_attention_forward_weights(
+        q, k, v, t.index, t.count, t.shared, 0.25, aa.LAYOUT_BHLD)
+    sees = ~blocked[:, 0]
+    assert out[0, 3, sees].isnan().all() and not out[0, 3, ~sees].isnan().any()
+    assert not out[0, :3].isnan().any() and weights[0, sees].isnan().any(dim=-1).all()
+
+
+@needs_ext
+def test_opcheck_forward_weights():
+    blocked = GRAPHS["prefix445"]()[:30, :30]
+    t = aa.neighbour_table(blocked, dense_row_degree=20)
+    q, k, v = qkv_views(2, 2, 30, 8, torch.float32)
+    torch.library.opcheck(torch.ops.tore_kernels.adjacency_attention_forward_weights,
+                          (q, k, v, t.index, t.count, t.shared, 0.3, 2))
+
+
 def test_functional_validates_inputs():
     table = aa.neighbour_table(~random_graph(10, 0.3, 8))
     q = torch.randn(1, 2, 10, 8)
@@ -308,6 +379,29 @@ def test_module_skip_weights_and_dense_fallbacks():
     assert fast._sparse_table(qk_g, qk_g, v, None, True, blocked, False) is None
     assert torch.equal(fast.state_dict()["in_proj_weight"], mha.state_dict()["in_proj_weight"])
     assert list(fast.state_dict()) == list(mha.state_dict())
+
+
+@needs_ext
+@pytest.mark.parametrize("bias", [True, False])
+def test_module_inference_projection_sharing(bias):
+    """Every way query/key/value may coincide, with and without biases, through the reused inference
+    projection buffer: values and weights match nn.MultiheadAttention, and an earlier call's outputs are
+    not overwritten by the next call (the buffer only holds per-call intermediates)."""
+    torch.manual_seed(5)
+    mha = nn.MultiheadAttention(32, 4, bias=bias).eval()
+    fast = AdjacencyMultiheadAttention.from_module(mha)
+    blocked = ~random_graph(48, 0.06, 15)
+    g = torch.Generator().manual_seed(6)
+    a, b, c = (torch.randn(48, 2, 32, generator=g) for _ in range(3))
+    with torch.no_grad():
+        first = fast(a, a, a, attn_mask=blocked)
+        kept = [t.clone() for t in first]
+        for q, k, v in ((a, a, a), (a, b, b), (a, a, c), (a, b, c)):
+            want, got = mha(q, k, v, attn_mask=blocked), fast(q, k, v, attn_mask=blocked)
+            torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(got[1], want[1], atol=2e-6, rtol=2e-5)
+        for t, k in zip(first, kept):
+            assert torch.equal(t, k)
 
 
 @needs_ext

@@ -17,6 +17,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
+
 namespace tore_kernels {
 namespace {
 
@@ -96,9 +100,10 @@ struct Kernels {
   static int64_t dim(int64_t d) { return D > 0 ? D : d; }
   static int64_t st(int64_t s) { return UNIT ? 1 : s; }
 
+  // weights: nullptr, or the head-averaged probabilities [B, L, S] (every entry written)
   static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Table& tab, double scale,
-                      at::Tensor& out, at::Tensor& lse) {
-    const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = dim(q.size(3));
+                      at::Tensor& out, at::Tensor& lse, scalar_t* weights) {
+    const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = dim(q.size(3)), S = k.size(2);
     const View4 qv(q), kv(k), vv(v), ov(out);
     const int64_t qs = st(qv.s3), ks = st(kv.s3), vs = st(vv.s3), os = st(ov.s3);
     const scalar_t* qp = q.const_data_ptr<scalar_t>();
@@ -112,6 +117,8 @@ struct Kernels {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / L, i = r % L;
         const int64_t deg = tab.degree(i);
+        scalar_t* wr = weights ? weights + r * S : nullptr;
+        if (wr) std::fill(wr, wr + S, scalar_t(0));
         if (deg < 0) {  // a dense row, computed by the caller
           for (int64_t h = 0; h < H; ++h) {
             scalar_t* o = op + ov.row(b, h, i);
@@ -137,12 +144,16 @@ struct Kernels {
             mx[h] = std::max(mx[h], s);
           }
         }
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t j = 0; j < deg; ++j) {
+            score[h * max_deg + j] = std::exp(score[h * max_deg + j] - mx[h]);
+            sum[h] += score[h * max_deg + j];
+          }
         std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t j = 0; j < deg; ++j) {
           const int64_t key = tab.key(i, j);
           for (int64_t h = 0; h < H; ++h) {
-            const acc_t p = std::exp(score[h * max_deg + j] - mx[h]);
-            sum[h] += p;
+            const acc_t p = score[h * max_deg + j];
             const scalar_t* vr = vp + vv.row(b, h, key);
             acc_t* ah = acc.data() + h * d;
             for (int64_t c = 0; c < d; ++c) ah[c] += p * acc_t(vr[c * vs]);
@@ -153,6 +164,13 @@ struct Kernels {
           const acc_t inv = acc_t(1) / sum[h];
           for (int64_t c = 0; c < d; ++c) o[c * os] = scalar_t(acc[h * d + c] * inv);
           lp[(b * H + h) * L + i] = mx[h] + std::log(sum[h]);
+        }
+        if (wr) {  // nn.MultiheadAttention's head average: sum over heads / H
+          for (int64_t j = 0; j < deg; ++j) {
+            acc_t m = 0;
+            for (int64_t h = 0; h < H; ++h) m += score[h * max_deg + j] / sum[h];
+            wr[tab.key(i, j)] = scalar_t(m / acc_t(H));
+          }
         }
       }
     });
@@ -260,127 +278,163 @@ struct Kernels {
   }
 };
 
-// ---- fp32 forward with all heads of a row fused ---------------------------------------------------------
-// When each [H, d] block of q/k/v/out is contiguous (the in-projection's output viewed per head), one
-// neighbour is one contiguous H*d read and the scores of all heads exponentiate together. Built for
-// x86-64-v3 (AVX2+FMA) and for the baseline ISA, picked at load time by CPU features (target_clones; an
-// "arch=<cpu>" clone would only match that CPU model), since the extension is compiled
-// for generic x86-64.
+// ---- fp32 forward, AVX2 -----------------------------------------------------------------------------------
+// When each [H, d] block of q/k/v/out is contiguous (the in-projection's output viewed per head) and d is a
+// multiple of 8, one neighbour is one contiguous H*d read: the dot products of 8 heads are reduced together
+// (a transposing horizontal sum), softmax runs with heads as SIMD lanes, and the weighted sum of values
+// runs 32 floats at a time with each lane broadcasting its head's probability. The extension is compiled
+// for generic x86-64, so these functions carry target("avx2,fma") and are only called when the CPU has both.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define TORE_AA_AVX2 1
+#define TORE_AVX2_FN __attribute__((target("avx2,fma")))
+
 struct FusedF32 {
   const float *q, *k, *v;
-  float *o, *lse;
+  float *o, *lse, *w;  // w: head-averaged weights [B, L, S] or nullptr
   int64_t qb, qi, kb, kn, vb, vn, ob, oi;  // batch and token strides; the [H, d] block is contiguous
-  int64_t B, H, L, d;
+  int64_t B, H, L, S, d;
   Table tab;
   float scale;
   bool batch_inner;
 };
 
-// exp(x) for x <= 0 (scores minus their row max): 2^n * e^r with |r| <= ln2/2, degree-6 Taylor
-// polynomial (relative error < 2e-7); plain arithmetic so the compiler vectorises it across heads.
-static inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float t = x * 1.4426950408889634f;
-  const int32_t n = -static_cast<int32_t>(0.5f - t);  // round(t) for t <= 0
-  const float fn = static_cast<float>(n);
-  const float r = (x - fn * 0.693145751953125f) - fn * 1.428606765330187e-06f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (n + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(float));
-  return p * two_n;
+// lane t = the sum of u[t]'s 8 lanes
+TORE_AVX2_FN static inline __m256 sum8x8(const __m256* u) {
+  const __m256 a0 = _mm256_hadd_ps(u[0], u[1]), a1 = _mm256_hadd_ps(u[2], u[3]);
+  const __m256 a2 = _mm256_hadd_ps(u[4], u[5]), a3 = _mm256_hadd_ps(u[6], u[7]);
+  const __m256 b0 = _mm256_hadd_ps(a0, a1), b1 = _mm256_hadd_ps(a2, a3);  // [u0..u3 low | u0..u3 high], ...
+  return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
 }
 
-// One row (b, i), all heads; DIM > 0 fixes the head dim at compile time so the per-head loops unroll.
-template <int64_t DIM>
-static inline __attribute__((always_inline)) void fused_f32_row(const FusedF32& a, int64_t r, float* qs, float* acc,
-                                                                float* score, float* mx, float* sum) {
-  const int64_t H = a.H, d = DIM > 0 ? DIM : a.d, HD = H * d;
+// exp(x) for x <= 0 (scores minus their row max): 2^n * e^r with |r| <= ln2/2 and a degree-6 Taylor
+// polynomial (relative error < 2e-7); NaN stays NaN (max_ps returns its second operand for a NaN).
+TORE_AVX2_FN static inline __m256 exp_nonpositive8(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+  for (float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// One query row r, all heads. scratch: key offsets [max_deg] then scores [max_deg, Hp] (Hp = H rounded up
+// to 8), overwritten by the normalised probabilities.
+TORE_AVX2_FN static void fused_f32_row(const FusedF32& a, int64_t r, int64_t* keys, float* score) {
+  const int64_t H = a.H, d = a.d, HD = H * d, Hp = (H + 7) / 8 * 8;
   // walk rows in q's memory order: token-major when the batch stride is the smaller one (seq-first input)
   const int64_t b = a.batch_inner ? r % a.B : r / a.L, i = a.batch_inner ? r / a.B : r % a.L;
   float* o = a.o + b * a.ob + i * a.oi;
+  float* wr = a.w ? a.w + (b * a.L + i) * a.S : nullptr;
+  if (wr) std::memset(wr, 0, a.S * sizeof(float));
   const int64_t deg = a.tab.degree(i);
-  if (deg < 0) {
-    for (int64_t c = 0; c < HD; ++c) o[c] = 0.0f;
+  if (deg < 0) {  // a dense row, computed by the caller
+    std::memset(o, 0, HD * sizeof(float));
     for (int64_t h = 0; h < H; ++h) a.lse[(b * H + h) * a.L + i] = 0.0f;
     return;
   }
+  for (int64_t j = 0; j < deg; ++j) keys[j] = a.tab.key(i, j);
   const float* qr = a.q + b * a.qb + i * a.qi;
-  for (int64_t c = 0; c < HD; ++c) qs[c] = qr[c] * a.scale;
-  for (int64_t h = 0; h < H; ++h) mx[h] = -std::numeric_limits<float>::infinity();
+  const float* kb = a.k + b * a.kb;
+  const float* vb = a.v + b * a.vb;
   for (int64_t j = 0; j < deg; ++j) {
-    const float* kr = a.k + b * a.kb + a.tab.key(i, j) * a.kn;
-    float* sj = score + j * H;
-    for (int64_t h = 0; h < H; ++h) {
-      float s = 0.0f;
-      for (int64_t c = 0; c < d; ++c) s += qs[h * d + c] * kr[h * d + c];
-      sj[h] = s;
-    }
-    for (int64_t h = 0; h < H; ++h) mx[h] = mx[h] > sj[h] ? mx[h] : sj[h];
-  }
-  for (int64_t h = 0; h < H; ++h) sum[h] = 0.0f;
-  for (int64_t j = 0; j < deg; ++j) {
-    float* sj = score + j * H;
-    for (int64_t h = 0; h < H; ++h) {
-      sj[h] = exp_nonpositive(sj[h] - mx[h]);
-      sum[h] += sj[h];
+    const float* kr = kb + keys[j] * a.kn;
+    for (int64_t hg = 0; hg < Hp; hg += 8) {
+      __m256 u[8];
+      for (int64_t t = 0; t < 8; ++t) {
+        __m256 s = _mm256_setzero_ps();
+        if (hg + t < H)
+          for (int64_t c = (hg + t) * d; c < (hg + t + 1) * d; c += 8)
+            s = _mm256_fmadd_ps(_mm256_loadu_ps(qr + c), _mm256_loadu_ps(kr + c), s);
+        u[t] = s;
+      }
+      _mm256_storeu_ps(score + j * Hp + hg, _mm256_mul_ps(sum8x8(u), _mm256_set1_ps(a.scale)));
     }
   }
-  for (int64_t c = 0; c < HD; ++c) acc[c] = 0.0f;
-  for (int64_t j = 0; j < deg; ++j) {
-    const float* vr = a.v + b * a.vb + a.tab.key(i, j) * a.vn;
-    const float* sj = score + j * H;
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t c = 0; c < d; ++c) acc[h * d + c] += sj[h] * vr[h * d + c];
+  for (int64_t hg = 0; hg < Hp; hg += 8) {  // softmax over the neighbours, 8 heads per vector
+    __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < deg; ++j) mx = _mm256_max_ps(mx, _mm256_loadu_ps(score + j * Hp + hg));
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < deg; ++j) {
+      const __m256 p = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(score + j * Hp + hg), mx));
+      _mm256_storeu_ps(score + j * Hp + hg, p);
+      sum = _mm256_add_ps(sum, p);
+    }
+    const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), sum);
+    for (int64_t j = 0; j < deg; ++j)
+      _mm256_storeu_ps(score + j * Hp + hg, _mm256_mul_ps(_mm256_loadu_ps(score + j * Hp + hg), inv));
+    alignas(32) float m8[8], s8[8];
+    _mm256_store_ps(m8, mx);
+    _mm256_store_ps(s8, sum);
+    for (int64_t t = 0; t < 8 && hg + t < H; ++t) a.lse[(b * H + hg + t) * a.L + i] = m8[t] + std::log(s8[t]);
   }
-  for (int64_t h = 0; h < H; ++h) {
-    const float inv = 1.0f / sum[h];
-    for (int64_t c = 0; c < d; ++c) o[h * d + c] = acc[h * d + c] * inv;
-    a.lse[(b * H + h) * a.L + i] = mx[h] + std::log(sum[h]);
+  int64_t c0 = 0;
+  for (; c0 + 32 <= HD; c0 += 32) {  // 4 independent accumulators hide the FMA latency
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t j = 0; j < deg; ++j) {
+      const float* vr = vb + keys[j] * a.vn + c0;
+      const float* pj = score + j * Hp;
+      for (int64_t t = 0; t < 4; ++t)
+        acc[t] = _mm256_fmadd_ps(_mm256_broadcast_ss(pj + (c0 + 8 * t) / d), _mm256_loadu_ps(vr + 8 * t), acc[t]);
+    }
+    for (int64_t t = 0; t < 4; ++t) _mm256_storeu_ps(o + c0 + 8 * t, acc[t]);
+  }
+  for (; c0 < HD; c0 += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < deg; ++j)
+      acc = _mm256_fmadd_ps(_mm256_broadcast_ss(score + j * Hp + c0 / d), _mm256_loadu_ps(vb + keys[j] * a.vn + c0),
+                            acc);
+    _mm256_storeu_ps(o + c0, acc);
+  }
+  if (wr) {  // nn.MultiheadAttention's head average: sum over heads / H
+    for (int64_t j = 0; j < deg; ++j) {
+      float m = 0.0f;
+      for (int64_t h = 0; h < H; ++h) m += score[j * Hp + h];
+      wr[keys[j]] = m / static_cast<float>(H);
+    }
   }
 }
 
-// scratch: qs, acc [H*d]; score [max_deg*H]; mx, sum [H] (allocated by the caller, outside the clones)
-__attribute__((target_clones("arch=x86-64-v3", "default")))
-static void fused_f32_rows(const FusedF32& a, int64_t begin, int64_t end, float* scratch) {
-  const int64_t HD = a.H * a.d, max_deg = std::max<int64_t>(a.tab.num_shared + a.tab.width, 1);
-  float *qs = scratch, *acc = qs + HD, *score = acc + HD, *mx = score + max_deg * a.H, *sum = mx + a.H;
-  if (a.d == 16) {
-    for (int64_t r = begin; r < end; ++r) fused_f32_row<16>(a, r, qs, acc, score, mx, sum);
-  } else if (a.d == 32) {
-    for (int64_t r = begin; r < end; ++r) fused_f32_row<32>(a, r, qs, acc, score, mx, sum);
-  } else if (a.d == 64) {
-    for (int64_t r = begin; r < end; ++r) fused_f32_row<64>(a, r, qs, acc, score, mx, sum);
-  } else {
-    for (int64_t r = begin; r < end; ++r) fused_f32_row<0>(a, r, qs, acc, score, mx, sum);
-  }
+TORE_AVX2_FN static void fused_f32_rows(const FusedF32& a, int64_t begin, int64_t end, int64_t* keys,
+                                        float* score) {
+  for (int64_t r = begin; r < end; ++r) fused_f32_row(a, r, keys, score);
 }
 
 bool heads_fused(const at::Tensor& t) {
   return t.size(3) <= 1 || (t.stride(3) == 1 && (t.size(1) <= 1 || t.stride(1) == t.size(3)));
 }
 
+bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
 bool try_fused_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Table& tab, double scale,
-                   at::Tensor& out, at::Tensor& lse) {
-  if (q.scalar_type() != at::kFloat || !heads_fused(q) || !heads_fused(k) || !heads_fused(v) || !heads_fused(out))
+                   at::Tensor& out, at::Tensor& lse, at::Tensor* weights) {
+  if (q.scalar_type() != at::kFloat || q.size(3) % 8 != 0 || !has_avx2() || !heads_fused(q) || !heads_fused(k) ||
+      !heads_fused(v) || !heads_fused(out))
     return false;
   FusedF32 a{q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(), out.data_ptr<float>(),
-             lse.data_ptr<float>(), q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
-             out.stride(0), out.stride(2), q.size(0), q.size(1), q.size(2), q.size(3), tab, static_cast<float>(scale),
-             q.stride(0) < q.stride(2)};
-  const int64_t max_deg = std::max<int64_t>(tab.num_shared + tab.width, 1);
+             lse.data_ptr<float>(), weights ? weights->data_ptr<float>() : nullptr, q.stride(0), q.stride(2),
+             k.stride(0), k.stride(2), v.stride(0), v.stride(2), out.stride(0), out.stride(2), q.size(0), q.size(1),
+             q.size(2), k.size(2), q.size(3), tab, static_cast<float>(scale), q.stride(0) < q.stride(2)};
+  const int64_t max_deg = std::max<int64_t>(tab.num_shared + tab.width, 1), Hp = (a.H + 7) / 8 * 8;
   at::parallel_for(0, a.B * a.L, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(2 * a.H * a.d + max_deg * a.H + 2 * a.H);
-    fused_f32_rows(a, begin, end, scratch.data());
+    std::vector<int64_t> keys(max_deg);
+    std::vector<float> score(max_deg * Hp);
+    fused_f32_rows(a, begin, end, keys.data(), score.data());
   });
   return true;
 }
+#else
+bool try_fused_f32(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Table&, double, at::Tensor&,
+                   at::Tensor&, at::Tensor*) {
+  return false;
+}
+#endif
 
 // Calls f.template operator()<Kernels<scalar_t, D, UNIT>>() for the tensors' head dim and strides.
 template <typename scalar_t, typename F>
@@ -407,21 +461,40 @@ at::ScalarType lse_type(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-std::tuple<at::Tensor, at::Tensor> adjacency_attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                                  const at::Tensor& v, const at::Tensor& index,
-                                                                  const at::Tensor& count, const at::Tensor& shared,
-                                                                  double scale, int64_t layout) {
+// out, lse and (want_weights) the head-averaged weights [B, L, S]
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, const at::Tensor& index,
+                                                            const at::Tensor& count, const at::Tensor& shared,
+                                                            double scale, int64_t layout, bool want_weights) {
   check_qkv(q, k, v);
   check_table(index, count, shared, q.size(2), k.size(2));
   at::Tensor out = empty_out(q, layout);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_type(q)));
+  at::Tensor weights;
+  if (want_weights) weights = at::empty({q.size(0), q.size(2), k.size(2)}, q.options());
+  const Table tab = make_table(index, count, shared);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "adjacency_attention_forward", [&] {
-    if (try_fused_f32(q, k, v, make_table(index, count, shared), scale, out, lse)) return;
+    if (try_fused_f32(q, k, v, tab, scale, out, lse, want_weights ? &weights : nullptr)) return;
     dispatch_dim<scalar_t>({&q, &k, &v, &out}, [&](auto kern) {
-      decltype(kern)::forward(q, k, v, make_table(index, count, shared), scale, out, lse);
+      decltype(kern)::forward(q, k, v, tab, scale, out, lse, want_weights ? weights.data_ptr<scalar_t>() : nullptr);
     });
   });
+  return {out, lse, weights};
+}
+
+std::tuple<at::Tensor, at::Tensor> adjacency_attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                  const at::Tensor& v, const at::Tensor& index,
+                                                                  const at::Tensor& count, const at::Tensor& shared,
+                                                                  double scale, int64_t layout) {
+  auto [out, lse, weights] = forward_impl(q, k, v, index, count, shared, scale, layout, false);
   return {out, lse};
+}
+
+// Not differentiable: for inference callers that also want nn.MultiheadAttention's averaged weights.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adjacency_attention_forward_weights_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& index, const at::Tensor& count,
+    const at::Tensor& shared, double scale, int64_t layout) {
+  return forward_impl(q, k, v, index, count, shared, scale, layout, true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adjacency_attention_backward_cpu(
@@ -467,6 +540,8 @@ at::Tensor adjacency_attention_probs_cpu(const at::Tensor& q, const at::Tensor& 
 TORCH_LIBRARY_FRAGMENT(tore_kernels, m) {
   m.def("adjacency_attention_forward(Tensor q, Tensor k, Tensor v, Tensor index, Tensor count, Tensor shared, "
         "float scale, int layout) -> (Tensor, Tensor)");
+  m.def("adjacency_attention_forward_weights(Tensor q, Tensor k, Tensor v, Tensor index, Tensor count, "
+        "Tensor shared, float scale, int layout) -> (Tensor, Tensor, Tensor)");
   m.def("adjacency_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor index, Tensor count, Tensor shared, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("adjacency_attention_probs(Tensor q, Tensor k, Tensor lse, Tensor index, Tensor count, Tensor shared, "
@@ -475,6 +550,7 @@ TORCH_LIBRARY_FRAGMENT(tore_kernels, m) {
 
 TORCH_LIBRARY_IMPL(tore_kernels, CPU, m) {
   m.impl("adjacency_attention_forward", &adjacency_attention_forward_cpu);
+  m.impl("adjacency_attention_forward_weights", &adjacency_attention_forward_weights_cpu);
   m.impl("adjacency_attention_backward", &adjacency_attention_backward_cpu);
   m.impl("adjacency_attention_probs", &adjacency_attention_probs_cpu);
 }

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -9,8 +10,28 @@ from torch import nn
 
 from .. import backend
 # names, not the submodule: tore_kernels.ops.adjacency_attention is also the exported function's name
-from ..ops.adjacency_attention import (LAYOUT_BLHD, LAYOUT_LBHD, OP, attention_weights, attention_with_lse,
-                                       table_or_none)
+from ..ops.adjacency_attention import (LAYOUT_BLHD, LAYOUT_LBHD, OP, attention_weights,
+                                       attention_with_averaged_weights, attention_with_lse, table_or_none)
+
+
+_SCRATCH = threading.local()
+
+
+def _inference_scratch(groups, weight):
+    """A per-thread CPU buffer for the in-projection output when no autograd graph is recorded, else None.
+
+    The projection lives only during one forward (the kernel reads it, the output is a new tensor). A fresh
+    20+ MB block per call is returned to the OS by glibc and page-faulted back in by the next call, which
+    at batch 32 cost more than the attention itself; reusing one buffer per thread avoids that.
+    """
+    tensors = [x for x, _, _ in groups] + [weight]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    numel = sum(x.numel() // x.shape[-1] * (hi - lo) * weight.shape[1] for x, lo, hi in groups)
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < numel or buf.dtype != weight.dtype:
+        buf = _SCRATCH.buf = torch.empty(numel, dtype=weight.dtype)
+    return buf
 
 
 class AdjacencyMultiheadAttention(nn.MultiheadAttention):
@@ -81,18 +102,27 @@ class AdjacencyMultiheadAttention(nn.MultiheadAttention):
         """q [B, H, L, d] and k, v [B, H, S, d] as views of the in-projection outputs (no copies)."""
         E, H = self.embed_dim, self.num_heads
         w, b = self.in_proj_weight, self.in_proj_bias
-
-        def lin(x, lo, hi):
-            return F.linear(x, w[lo * E:hi * E], None if b is None else b[lo * E:hi * E])
-
         if query is key and key is value:
-            parts = lin(query, 0, 3).unflatten(-1, (3, H, -1)).unbind(-3)
+            groups = ((query, 0, 3),)
         elif key is value:
-            parts = (lin(query, 0, 1).unflatten(-1, (H, -1)),) + lin(key, 1, 3).unflatten(-1, (2, H, -1)).unbind(-3)
+            groups = ((query, 0, 1), (key, 1, 3))
         elif query is key:
-            parts = lin(query, 0, 2).unflatten(-1, (2, H, -1)).unbind(-3) + (lin(value, 2, 3).unflatten(-1, (H, -1)),)
+            groups = ((query, 0, 2), (value, 2, 3))
         else:
-            parts = tuple(lin(x, i, i + 1).unflatten(-1, (H, -1)) for i, x in enumerate((query, key, value)))
+            groups = ((query, 0, 1), (key, 1, 2), (value, 2, 3))
+        scratch = _inference_scratch(groups, w) if query.device.type == "cpu" else None
+        parts, used = [], 0
+        for x, lo, hi in groups:
+            wi, bi = w[lo * E:hi * E], None if b is None else b[lo * E:hi * E]
+            if scratch is None:
+                y = F.linear(x, wi, bi)
+            else:  # the same GEMM, written into the reused buffer
+                x2 = x.reshape(-1, E)
+                out = scratch[used:used + x2.shape[0] * wi.shape[0]].view(x2.shape[0], wi.shape[0])
+                used += out.numel()
+                y = (torch.mm(x2, wi.t(), out=out) if bi is None else torch.addmm(bi, x2, wi.t(), out=out))
+                y = y.view(*x.shape[:-1], wi.shape[0])
+            parts.extend(y.unflatten(-1, (hi - lo, H, -1)).unbind(-3))
         # [L, B, H, d] (seq first) or [B, L, H, d] (batch first) -> [B, H, L, d]
         perm = (0, 2, 1, 3) if self.batch_first else (1, 2, 0, 3)
         return tuple(p.permute(perm) for p in parts)
@@ -113,11 +143,14 @@ class AdjacencyMultiheadAttention(nn.MultiheadAttention):
         B, H, L, d = q.shape
         scale = 1.0 / math.sqrt(d)
         layout = LAYOUT_BLHD if self.batch_first else LAYOUT_LBHD
-        out, lse = attention_with_lse(q, k, v, table, scale, layout)
+        weights = None
+        if need_weights and not self.skip_unused_weights and average_attn_weights:
+            out, weights = attention_with_averaged_weights(q, k, v, table, scale, layout)
+        else:
+            out, lse = attention_with_lse(q, k, v, table, scale, layout)
+            if need_weights and not self.skip_unused_weights:
+                weights = attention_weights(q, k, table, scale, lse, average_attn_weights)
         out = out.permute(0, 2, 1, 3) if self.batch_first else out.permute(2, 0, 1, 3)
         out = F.linear(out.reshape(out.shape[0], out.shape[1], self.embed_dim), self.out_proj.weight,
                        self.out_proj.bias)
-        weights = None
-        if need_weights and not self.skip_unused_weights:
-            weights = attention_weights(q, k, table, scale, lse, average_attn_weights)
         return out, weights

@@ -182,6 +182,11 @@ if backend.HAS_EXTENSION and hasattr(torch.ops.tore_kernels, "adjacency_attentio
         out = q.new_empty_strided((B, H, L, d), _out_strides(B, H, L, d, layout))
         return out, q.new_empty((B, H, L), dtype=_lse_dtype(q.dtype))
 
+    @torch.library.register_fake("tore_kernels::adjacency_attention_forward_weights")
+    def _forward_weights_fake(q, k, v, index, count, shared, scale, layout):
+        out, lse = _forward_fake(q, k, v, index, count, shared, scale, layout)
+        return out, lse, q.new_empty((q.shape[0], q.shape[2], k.shape[2]))
+
     @torch.library.register_fake("tore_kernels::adjacency_attention_backward")
     def _backward_fake(grad_out, q, k, v, out, lse, index, count, shared, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format), \
@@ -295,14 +300,36 @@ def attention_weights(q, k, table: NeighbourTable, scale: float, lse: torch.Tens
             weights = q.new_zeros(B, L, S).scatter_add_(2, cols.expand(B, L, -1), probs)
         else:
             weights = q.new_zeros(B, H, L, S).scatter_add_(3, cols.expand(B, H, L, -1), probs)
-        if table.dense_rows.numel():
-            qd = q[:, :, table.dense_rows]
-            dense = ((qd @ k.transpose(-2, -1)) * scale).masked_fill(table.dense_mask, float("-inf")).softmax(-1)
-            if average:
-                weights[:, table.dense_rows] = dense.mean(1)
-            else:
-                weights[:, :, table.dense_rows] = dense
+        _dense_row_weights(weights, q, k, table, scale, average)
         return weights
+
+
+def _dense_row_weights(weights, q, k, table: NeighbourTable, scale, average):
+    """Writes the dense rows' softmax weights into ``weights`` ([B, L, S] averaged or [B, H, L, S])."""
+    if table.dense_rows.numel():
+        qd = q[:, :, table.dense_rows]
+        dense = ((qd @ k.transpose(-2, -1)) * scale).masked_fill(table.dense_mask, float("-inf")).softmax(-1)
+        if average:
+            weights[:, table.dense_rows] = dense.mean(1)
+        else:
+            weights[:, :, table.dense_rows] = dense
+
+
+def attention_with_averaged_weights(q, k, v, table: NeighbourTable, scale: float, layout: int = LAYOUT_BHLD):
+    """(out as :func:`attention_with_lse`, head-averaged weights [B, L, S]), not differentiable. The CPU
+    kernel writes the weights while it computes the output (one pass, no [B, H, L, width] intermediate)."""
+    if backend.choose(OP, q.device) != "cpu":
+        out, lse = attention_with_lse(q, k, v, table, scale, layout)
+        return out, attention_weights(q, k, table, scale, lse, True)
+    table = table.to(q.device)
+    with torch.no_grad():
+        out, _, weights = torch.ops.tore_kernels.adjacency_attention_forward_weights(
+            q, k, v, table.index, table.count, table.shared, scale, layout)
+        if table.dense_rows.numel():
+            dense_out = _dense_attention(q[:, :, table.dense_rows], k, v, table.dense_mask, scale)
+            out = out.index_copy(2, table.dense_rows, dense_out)
+            _dense_row_weights(weights, q, k, table, scale, True)
+    return out, weights
 
 
 def _probs_torch(q, k, lse, table: NeighbourTable, scale):

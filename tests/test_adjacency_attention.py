@@ -405,6 +405,56 @@ def test_module_inference_projection_sharing(bias):
 
 
 @needs_ext
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_module_cross_attention_few_keys(batch_first, monkeypatch):
+    """The decoder's cross-attention: no mask, 14 keys (memory + pos) and values (memory), an all-False
+    key_padding_mask as FastMETRO passes it: the kernel with every key shared; values, weights, gradients."""
+    monkeypatch.setenv("TORE_KERNELS_BACKEND", "cpu")
+    torch.manual_seed(7)
+    mha = nn.MultiheadAttention(64, 4, batch_first=batch_first).eval()
+    with torch.no_grad():
+        mha.in_proj_bias.normal_()
+    fast = AdjacencyMultiheadAttention.from_module(mha)
+    g = torch.Generator().manual_seed(8)
+    B, L, S = 3, 50, 14
+    shape = (lambda n: (B, n, 64)) if batch_first else (lambda n: (n, B, 64))
+    query, memory, pos = torch.randn(shape(L), generator=g), torch.randn(shape(S), generator=g), \
+        torch.randn(shape(S), generator=g)
+    key = memory + pos
+    no_padding = torch.zeros(B, S, dtype=torch.bool)
+    table = fast._sparse_table(query, key, memory, no_padding, False, None, False)
+    assert table is not None and table.shared.tolist() == list(range(S)) and table.width == S
+    padding = no_padding.clone()
+    padding[1, 3] = True
+    assert fast._sparse_table(query, key, memory, padding, False, None, False) is None
+    wide = torch.randn(shape(aa_module_max_keys() + 1), generator=g)
+    assert fast._sparse_table(query, wide, wide, None, False, None, False) is None
+    with torch.no_grad():
+        for kwargs in ({}, {"key_padding_mask": no_padding}, {"average_attn_weights": False},
+                       {"need_weights": False}):
+            want, got = mha(query, key, memory, **kwargs), fast(query, key, memory, **kwargs)
+            torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=2e-5)
+            if want[1] is None:
+                assert got[1] is None
+            else:
+                torch.testing.assert_close(got[1], want[1], atol=2e-6, rtol=2e-5)
+    q1, k1, v1 = (t.clone().requires_grad_() for t in (query, key, memory))
+    q2, k2, v2 = (t.clone().requires_grad_() for t in (query, key, memory))
+    want = mha(q1, k1, v1, need_weights=False)[0]
+    got = fast(q2, k2, v2, need_weights=False)[0]
+    grad = torch.randn_like(want)
+    gw = torch.autograd.grad(want, (q1, k1, v1, *mha.parameters()), grad)
+    gg = torch.autograd.grad(got, (q2, k2, v2, *fast.parameters()), grad)
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def aa_module_max_keys():
+    from tore_kernels.nn.attention import OPEN_TABLE_MAX_KEYS
+    return OPEN_TABLE_MAX_KEYS
+
+
+@needs_ext
 def test_module_float_additive_mask_sparse():
     mha, fast = _pair()
     blocked = ~random_graph(64, 0.05, 11)

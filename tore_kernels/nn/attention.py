@@ -11,7 +11,12 @@ from torch import nn
 from .. import backend
 # names, not the submodule: tore_kernels.ops.adjacency_attention is also the exported function's name
 from ..ops.adjacency_attention import (LAYOUT_BLHD, LAYOUT_LBHD, OP, attention_weights,
-                                       attention_with_averaged_weights, attention_with_lse, table_or_none)
+                                       attention_with_averaged_weights, attention_with_lse, open_table,
+                                       table_or_none)
+
+# Without a mask, key counts up to this run through the kernel with every key shared by all queries: it
+# reads each key once per query row, where SDPA's CPU kernel tiles for long key sequences.
+OPEN_TABLE_MAX_KEYS = 64
 
 
 _SCRATCH = threading.local()
@@ -39,7 +44,9 @@ class AdjacencyMultiheadAttention(nn.MultiheadAttention):
 
     When ``attn_mask`` is a 2-D ``[L, S]`` mask sparse enough to pay (each query row sees at most a quarter of
     the keys, apart from a few dense rows) the attention runs through the neighbour table of the mask
-    (:mod:`tore_kernels.ops.adjacency_attention`), built once per mask tensor. Everything else takes
+    (:mod:`tore_kernels.ops.adjacency_attention`), built once per mask tensor. On CPU, unmasked attention to
+    at most ``OPEN_TABLE_MAX_KEYS`` keys (the decoder's cross-attention to the joint tokens) runs through the
+    same kernel. An all-False bool key_padding_mask counts as none. Everything else takes
     ``nn.MultiheadAttention``'s own path: key_padding_mask, is_causal, 3-D masks, float masks with finite
     biases, dropout while training, kdim/vdim != embed_dim, bias_k/add_zero_attn, unbatched input, and
     ``need_weights=True`` while gradients are being recorded.
@@ -77,22 +84,30 @@ class AdjacencyMultiheadAttention(nn.MultiheadAttention):
 
     def _sparse_table(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
         """The neighbour table when the fast path applies, else None."""
-        if (attn_mask is None or key_padding_mask is not None or is_causal or attn_mask.dim() != 2
-                or query.dim() != 3 or not self._qkv_same_embed_dim or self.bias_k is not None
-                or self.add_zero_attn or (self.training and self.dropout > 0.0)):
+        if (is_causal or (attn_mask is not None and attn_mask.dim() != 2) or query.dim() != 3
+                or not self._qkv_same_embed_dim or self.bias_k is not None or self.add_zero_attn
+                or (self.training and self.dropout > 0.0)):
             return None
         if key.shape != value.shape or query.shape[-1] != self.embed_dim or key.shape[-1] != self.embed_dim:
             return None
         L, S = (query.shape[1], key.shape[1]) if self.batch_first else (query.shape[0], key.shape[0])
-        if tuple(attn_mask.shape) != (L, S) or query.dtype != self.in_proj_weight.dtype:
+        B = query.shape[0] if self.batch_first else query.shape[1]
+        if key_padding_mask is not None and not (  # FastMETRO passes all-False padding masks: no padding
+                isinstance(key_padding_mask, torch.Tensor) and key_padding_mask.dtype == torch.bool
+                and tuple(key_padding_mask.shape) == (B, S) and not bool(key_padding_mask.any())):
             return None
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        if query.dtype != self.in_proj_weight.dtype or backend.choose(OP, query.device) == "reference":
             return None
-        table = table_or_none(attn_mask)  # raises for a row that allows no key (a broken topology)
-        if table is None or table.width * 4 > S or table.dense_rows.numel() * 8 > L:
-            return None
-        if backend.choose(OP, query.device) == "reference":
-            return None
+        if attn_mask is None:  # a few keys open to every query (cross-attention to 14 joint tokens)
+            if S > OPEN_TABLE_MAX_KEYS or backend.choose(OP, query.device) != "cpu":
+                return None
+            table = open_table(L, S, query.device)
+        else:
+            if tuple(attn_mask.shape) != (L, S) or (attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype):
+                return None
+            table = table_or_none(attn_mask)  # raises for a row that allows no key (a broken topology)
+            if table is None or table.width * 4 > S or table.dense_rows.numel() * 8 > L:
+                return None
         if need_weights and not self.skip_unused_weights and torch.is_grad_enabled() and (
                 query.requires_grad or key.requires_grad or value.requires_grad or self.in_proj_weight.requires_grad):
             return None  # differentiable weights: nn.MultiheadAttention's path computes them
@@ -131,7 +146,7 @@ class AdjacencyMultiheadAttention(nn.MultiheadAttention):
                 average_attn_weights=True, is_causal=False):
         table = None
         if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor) \
-                and isinstance(attn_mask, torch.Tensor):
+                and (attn_mask is None or isinstance(attn_mask, torch.Tensor)):
             table = self._sparse_table(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
         if table is None:
             out, weights = super().forward(query, key, value, key_padding_mask=key_padding_mask,

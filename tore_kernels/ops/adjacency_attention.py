@@ -13,6 +13,7 @@ Implementations (``backend.choose("adjacency_attention", device)``): ``cpu`` = C
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import weakref
@@ -162,6 +163,16 @@ def neighbour_table(mask: torch.Tensor, *, dense_row_degree: int | None = None) 
 def table_or_none(mask: torch.Tensor) -> NeighbourTable | None:
     """Like :func:`neighbour_table`, but None for a float mask with finite biases (the caller goes dense)."""
     return _cached(mask, None, strict=False)
+
+
+@functools.lru_cache(maxsize=64)
+def open_table(num_queries: int, num_keys: int, device: torch.device) -> NeighbourTable:
+    """The table of an all-open ``[L, S]`` mask: every key shared by every query (no index columns)."""
+    return NeighbourTable(torch.zeros(num_queries, 0, dtype=torch.int32, device=device),
+                          torch.zeros(num_queries, dtype=torch.int32, device=device),
+                          torch.arange(num_keys, dtype=torch.int32, device=device),
+                          torch.zeros(0, dtype=torch.long, device=device),
+                          torch.zeros(0, num_keys, dtype=torch.bool, device=device), num_keys)
 
 
 # ----------------------------------------------------------------------------------------------- C++ op

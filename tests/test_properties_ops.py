@@ -327,14 +327,15 @@ def dense_attention64(q, k, v, allowed, scale):
     return scores.masked_fill(~allowed, -math.inf).softmax(-1) @ v.double()
 
 
-def attention_bound(q, k, v, scale, dtype, out_ref, impl):
+def attention_bound(q, k, v, scale, dtype, out_ref, impl, table):
     """|out - exact|: the scores' absolute error d * u * scale * max|q| max|k| (+ u for exp and the sums)
     moves each probability by about twice that relatively; the output is a convex mix of v rows. u is the
-    compute type's: float for the kernels' half types, the dtype itself for the reference backend (eager SDPA
-    rounds its intermediates in float16 / bfloat16)."""
+    compute type's: float for the kernels' half types, the dtype itself where eager SDPA runs (the reference
+    backend, and the table's dense rows: it rounds its intermediates in float16 / bfloat16)."""
     d = q.shape[-1]
     qmax, kmax, vmax = (float(t.double().abs().max()) if t.numel() else 0.0 for t in (q, k, v))
-    u = unit(dtype) if impl == "reference" else acc_unit(dtype)
+    u = torch.full((q.shape[2], 1), acc_unit(dtype), dtype=torch.float64)
+    u[table.dense_rows if impl != "reference" else slice(None)] = unit(dtype)
     return 8 * u * (d * scale * qmax * kmax + 4) * vmax + 2 * unit(dtype) * out_ref.abs()
 
 
@@ -361,7 +362,7 @@ def test_adjacency_attention(allowed, B, H, d, dtype, layout, as_float, dense_ro
         out = adjacency_attention(q, k, v, table)
     expected = dense_attention64(q, k, v, allowed, scale)
     assert out.shape == (B, H, L, d) and out.dtype == dtype
-    assert_within(out, expected, attention_bound(q, k, v, scale, dtype, expected, impl), "attention")
+    assert_within(out, expected, attention_bound(q, k, v, scale, dtype, expected, impl, table), "attention")
 
 
 @given(allowed=graphs(), B=st.integers(1, 2), H=st.integers(1, 2), d=st.integers(1, 9),
@@ -393,7 +394,8 @@ def test_adjacency_attention_triton(allowed, B, H, d, dtype, layout, seed):
     with forced("triton"):
         out = adjacency_attention(q, k, v, table)
     expected = dense_attention64(q, k, v, allowed, 1 / math.sqrt(d))
-    assert_within(out, expected, attention_bound(q, k, v, 1 / math.sqrt(d), dtype, expected, "triton"), "attention")
+    assert_within(out, expected, attention_bound(q, k, v, 1 / math.sqrt(d), dtype, expected, "triton", table),
+                  "attention")
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -246,8 +246,9 @@ def _fused_itp_forward(self, features):
     v_tokens = _broadcast_embedding(self.vertex_token_embed, batch_size)
     _, _, v_features = self.transformer_3(j_2, cam_2, v_tokens, pos_3,
                                           attention_mask=self.attention_mask)
-    joints = self.xyz_regressor_j(j_2.transpose(0, 1))
-    coarse = self.xyz_regressor_v(v_features.transpose(0, 1))
+    # the regressors on the sequence-first features (a row-wise map), then the small outputs transposed
+    joints = self.xyz_regressor_j(j_2).transpose(0, 1)
+    coarse = self.xyz_regressor_v(v_features).transpose(0, 1)
     mid = self.mesh_sampler.upsample(coarse, n1=2, n2=1)
     fine = self.mesh_sampler.upsample(mid, n1=1, n2=0)
     return cam_parameter, joints, coarse, mid, fine, token_heatmap
@@ -269,7 +270,7 @@ def _attend(mha, query, key, value, attn_mask=None):
     """``mha(query, key, value, attn_mask=attn_mask)[0]`` in eval mode. Masked calls go to the module (the
     neighbour-list kernel). Dense ones run SDPA on views of the in-projection (packed when inputs coincide; once
     for a batch-broadcast query) and out-project SDPA's ``[B, L, H, d]`` memory as it is: no mask merging, no
-    head-averaged weights, no copies. Returns ``[L, B, E]`` (a transposed view)."""
+    head-averaged weights, no copies. Returns ``[L, B, E]``."""
     if attn_mask is not None or mha.training or not mha._qkv_same_embed_dim or mha.bias_k is not None \
             or mha.add_zero_attn or mha.batch_first or mha.in_proj_bias is None:
         return mha(query, key, value=value, attn_mask=attn_mask)[0]
@@ -287,8 +288,8 @@ def _attend(mha, query, key, value, attn_mask=None):
     if q.shape[1] != k.shape[1]:  # a broadcast query over per-sample keys
         q = q.expand(-1, k.shape[1], -1, -1)
     out = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)))  # [B, H, L, d]
-    out = out.transpose(1, 2).flatten(2)  # [B, L, E]: a view of SDPA's memory order
-    return F.linear(out, mha.out_proj.weight, mha.out_proj.bias).transpose(0, 1)
+    # SDPA writes in q's memory order, the projection's [L, B, H, d]: a free view (a copy for a broadcast q)
+    return F.linear(out.permute(2, 0, 1, 3).flatten(2), mha.out_proj.weight, mha.out_proj.bias)
 
 
 def _mlp(layer, x, norm):

@@ -316,3 +316,15 @@ def test_bf16_bad_dtype_raises(topo):
     with pytest.raises(ValueError, match="fp32 model"):
         patch(model.double(), dtype=torch.bfloat16)
     assert patch_report(model) is None
+
+
+def test_bf16_weight_copies_follow_new_weights(topo, features):
+    # the cached bf16 weight copies are keyed on the parameter's version: loading new weights must be seen
+    model = patch(build("tore_itp", topo, seed=1), dtype=torch.bfloat16)
+    other = build("tore_itp", topo, seed=2)
+    with torch.no_grad():
+        outputs(model, features)  # fills the cache
+        model.load_state_dict(other.state_dict())
+        ref = outputs(other, features)
+        for i, (g, r) in enumerate(zip(outputs(model, features), ref)):
+            assert float((g - r).abs().max()) <= BF16_BOUND * float(r.max() - r.min()), f"output {i}"

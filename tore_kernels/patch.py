@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -275,7 +276,7 @@ def _attend(mha, query, key, value, attn_mask=None):
             or mha.add_zero_attn or mha.batch_first or mha.in_proj_bias is None:
         return mha(query, key, value=value, attn_mask=attn_mask)[0]
     E, H = mha.embed_dim, mha.num_heads
-    w, b = mha.in_proj_weight, mha.in_proj_bias
+    w, b = _w(mha.in_proj_weight), mha.in_proj_bias
     if query is key and key is value:
         q, k, v = _linear(query, w, b).unflatten(-1, (3, H, -1)).unbind(-3)
     else:
@@ -289,7 +290,7 @@ def _attend(mha, query, key, value, attn_mask=None):
         q = q.expand(-1, k.shape[1], -1, -1)
     out = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)))  # [B, H, L, d]
     # SDPA writes in q's memory order, the projection's [L, B, H, d]: a free view (a copy for a broadcast q)
-    return F.linear(out.permute(2, 0, 1, 3).flatten(2), mha.out_proj.weight, mha.out_proj.bias)
+    return F.linear(out.permute(2, 0, 1, 3).flatten(2), _w(mha.out_proj.weight), mha.out_proj.bias)
 
 
 def _mlp(layer, x, norm):
@@ -403,6 +404,33 @@ class _FP32MeshSampler(MeshSampler):
             return super().downsample(x.float(), n1, n2)
 
 
+_BF16_WEIGHTS: dict[int, tuple] = {}  # id(parameter) -> (weakref to it, (version, data_ptr), bf16 copy)
+
+
+def _w(weight):
+    """Under patch(dtype=bf16)'s autocast, in inference (no autograd), the bf16 copy of a matmul weight, made
+    once per version of the parameter (autocast would cast every weight again on every call: ~25 M values for
+    the L-size head); otherwise the weight itself. The copy lives outside the model (not in its state_dict)."""
+    device = weight.device.type
+    if (torch.is_grad_enabled() or weight.dtype != torch.float32 or not torch.is_autocast_enabled(device)
+            or torch.get_autocast_dtype(device) != torch.bfloat16):
+        return weight
+    key, i = (weight._version, weight.data_ptr()), id(weight)
+    hit = _BF16_WEIGHTS.get(i)
+    if hit is None or hit[0]() is not weight or hit[1] != key:
+        ref = weakref.ref(weight, lambda _, i=i: _BF16_WEIGHTS.pop(i, None))  # dropped with the parameter
+        hit = _BF16_WEIGHTS[i] = (ref, key, weight.detach().to(torch.bfloat16))
+    return hit[2]
+
+
+def _bf16_linear_forward(self, input):
+    return F.linear(input, _w(self.weight), self.bias)
+
+
+def _bf16_conv_forward(self, input):
+    return self._conv_forward(input, _w(self.weight), self.bias)
+
+
 def _fp32_linear_forward(self, input):
     with torch.autocast(input.device.type, enabled=False):
         return F.linear(input.to(self.weight.dtype), self.weight, self.bias)
@@ -478,6 +506,8 @@ def patch(model: nn.Module, *, dtype: torch.dtype | None = None, verbose: bool =
         heads = [name for name in _FP32_HEADS if isinstance(getattr(inner, name, None), nn.Linear)] if bf16 else []
         if bf16:
             swapped += [(name, "Linear", "Linear kept in fp32 under autocast") for name in heads]
+            swapped.append(("Linear / Conv2d modules", "fp32 weights", "bf16 weight copies cached per parameter "
+                            "version in inference"))
             swapped.append(("forward", "fp32", "bf16 autocast (LayerNorm, softmax statistics, residuals, "
                             "ITP, upsampling and outputs in fp32)"))
         state = _State(PatchReport(kind, tuple(swapped)), [], bf16)
@@ -487,6 +517,10 @@ def patch(model: nn.Module, *, dtype: torch.dtype | None = None, verbose: bool =
         state.originals.append((inner, "mesh_sampler", inner.mesh_sampler))
         inner.mesh_sampler = sampler
         forwards = [(getattr(inner, name), _fp32_linear_forward) for name in heads]
+        if bf16:  # the other linears and convs take cached bf16 weights (the ITP's are read by the fused op)
+            keep = {id(getattr(inner, name, None)) for name in heads + list(_ITP_PARTS)}
+            forwards += [(m, _bf16_linear_forward if type(m) is nn.Linear else _bf16_conv_forward)
+                         for m in inner.modules() if type(m) in (nn.Linear, nn.Conv2d) and id(m) not in keep]
         for name in transformers:
             t = getattr(inner, name)
             forwards.append((t, _fast_transformer_forward))

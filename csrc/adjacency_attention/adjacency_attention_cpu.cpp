@@ -322,9 +322,12 @@ TORE_AVX2_FN static inline __m256 exp_nonpositive8(__m256 x) {
 }
 
 // One query row r, all heads. scratch: key offsets [max_deg] then scores [max_deg, Hp] (Hp = H rounded up
-// to 8), overwritten by the normalised probabilities.
-TORE_AVX2_FN static void fused_f32_row(const FusedF32& a, int64_t r, int64_t* keys, float* score) {
-  const int64_t H = a.H, d = a.d, HD = H * d, Hp = (H + 7) / 8 * 8;
+// to 8), overwritten by the normalised probabilities. D > 0 fixes the head dim at compile time (the per-head
+// loops unroll and keep the partial sums in registers; head = column / D is a shift).
+template <int64_t D>
+TORE_AVX2_FN static inline __attribute__((always_inline)) void fused_f32_row(const FusedF32& a, int64_t r,
+                                                                             int64_t* keys, float* score) {
+  const int64_t H = a.H, d = D > 0 ? D : a.d, HD = H * d, Hp = (H + 7) / 8 * 8;
   // walk rows in q's memory order: token-major when the batch stride is the smaller one (seq-first input)
   const int64_t b = a.batch_inner ? r % a.B : r / a.L, i = a.batch_inner ? r / a.B : r % a.L;
   float* o = a.o + b * a.ob + i * a.oi;
@@ -400,7 +403,13 @@ TORE_AVX2_FN static void fused_f32_row(const FusedF32& a, int64_t r, int64_t* ke
 
 TORE_AVX2_FN static void fused_f32_rows(const FusedF32& a, int64_t begin, int64_t end, int64_t* keys,
                                         float* score) {
-  for (int64_t r = begin; r < end; ++r) fused_f32_row(a, r, keys, score);
+  switch (a.d) {
+    case 8: for (int64_t r = begin; r < end; ++r) fused_f32_row<8>(a, r, keys, score); break;
+    case 16: for (int64_t r = begin; r < end; ++r) fused_f32_row<16>(a, r, keys, score); break;
+    case 32: for (int64_t r = begin; r < end; ++r) fused_f32_row<32>(a, r, keys, score); break;
+    case 64: for (int64_t r = begin; r < end; ++r) fused_f32_row<64>(a, r, keys, score); break;
+    default: for (int64_t r = begin; r < end; ++r) fused_f32_row<0>(a, r, keys, score);
+  }
 }
 
 bool heads_fused(const at::Tensor& t) {

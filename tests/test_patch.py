@@ -231,9 +231,10 @@ def test_unknown_model_raises_and_is_untouched(topo):
     assert not any(isinstance(m, AdjacencyMultiheadAttention) for m in model.modules())
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])  # eval with autograd: the patched fast forwards' backward
 @pytest.mark.parametrize("kind", ["tore_itp", "fastmetro", "tore_metro"])
-def test_train_mode_gradients_match(kind, topo, features):
-    eager = build(kind, topo, dropout=0.0).train()
+def test_train_mode_gradients_match(kind, mode, topo, features):
+    eager = build(kind, topo, dropout=0.0).train(mode == "train")
     fast = patch(copy.deepcopy(eager))
     x1 = features.clone().requires_grad_(True)
     x2 = features.clone().requires_grad_(True)

@@ -22,8 +22,16 @@ What is swapped:
   :func:`~tore_kernels.ops.itp.image_token_prune` and otherwise calls the model's own submodules, returning what
   the released forward returns. A per-instance class rather than a bound method, so that ``nn.DataParallel``
   replicas (which copy ``__dict__``) call their own submodules, and pickling / ``copy.deepcopy`` keep working.
-  That forward passes the vertex queries broadcast over the batch, and ``transformer_3.decoder.layers[0]`` gets a
-  forward (same way) that, in eval mode, computes the self-attention of those identical queries once.
+  That forward passes the camera, joint and vertex token embeddings broadcast over the batch (stride 0);
+* every ``transformer_i`` and its encoder / decoder layers get an eval-mode forward (same way; training runs the
+  released code): no all-False key-padding masks or all-zero ``query_pos`` (no-ops that cost a mask merge per
+  attention call and two additions per decoder layer), dense attention as SDPA on views of the in-projection
+  with the output projected in place, in-place ReLU and residual additions (without autograd), and for queries
+  broadcast over the batch the self-attention block and the cross-attention's query projection computed once.
+
+``patch(model, dtype=torch.bfloat16)`` (opt-in) also runs the forward under bf16 autocast: linears, convs and
+attention in bf16 with cached bf16 weight copies; LayerNorm, the residual stream, the fused ITP, the output heads
+(``_FP32_HEADS``) and the mesh upsampling in fp32; outputs fp32; parameters and ``state_dict`` untouched.
 
 ``patch`` validates everything and builds every replacement before touching the model (all-or-nothing), is
 idempotent, and stores a :class:`PatchReport` on the model (``patch_report(model)``; ``verbose=True`` also logs

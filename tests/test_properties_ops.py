@@ -381,6 +381,33 @@ def test_adjacency_attention_gradients(allowed, B, H, d, dense_row_degree, seed,
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * (1 + float(b.abs().max())), msg=f"d{name}")
 
 
+def neighbour_attention64(q, k, v, allowed, scale):
+    """Each row over its allowed keys only, in float64: blocked keys never enter a sum (no 0 * NaN), so a NaN
+    or inf reaches exactly the rows that see it (the dense eager reference spreads a NaN in v to every row)."""
+    scores = (q.double().unsqueeze(-2) * k.double().unsqueeze(-3)).sum(-1) * scale  # [B, H, L, S]
+    p = scores.masked_fill(~allowed, -math.inf).softmax(-1)
+    terms = torch.where(allowed[..., None], p.unsqueeze(-1) * v.double().unsqueeze(-3), 0.0)
+    return terms.sum(-2)
+
+
+@given(allowed=graphs(max_n=40), B=st.integers(1, 2), H=st.integers(1, 2), d=st.integers(1, 9),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**31 - 1))
+def test_adjacency_attention_nan(allowed, B, H, d, dtype, seed):
+    if "cpu" not in cpu_impls("adjacency_attention"):
+        pytest.skip("tore_kernels._C is not built")
+    L, S = allowed.shape
+    table = neighbour_table(~allowed, dense_row_degree=S)  # every row through the kernel (none dense)
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (values(shape, dtype, seed + i).masked_fill(torch.rand(shape, generator=g) < 0.03, math.nan)
+               for i, shape in enumerate(((B, H, L, d), (B, H, S, d), (B, H, S, d))))
+    with forced("cpu"):
+        out = adjacency_attention(q, k, v, table)
+    expected = neighbour_attention64(q, k, v, allowed, 1 / math.sqrt(d))
+    finite = [t.nan_to_num(0) for t in (q, k, v)]
+    assert_within(out, expected, attention_bound(*finite, 1 / math.sqrt(d), dtype, expected, "cpu", table),
+                  "attention")
+
+
 @FEW
 @given(allowed=graphs(), B=st.integers(1, 2), H=st.integers(1, 2), d=st.integers(1, 17),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), layout=st.sampled_from(["projection", "strided"]),

@@ -69,7 +69,8 @@ def nsr_decoder_layer(device, quick):
     eager = TransformerDecoderLayer(DIM, HEADS, MLP).to(device).eval()
     fast = TransformerDecoderLayer(DIM, HEADS, MLP).to(device).eval()
     fast.load_state_dict(eager.state_dict())
-    # the layer drops both attentions' weights ([0]), so they are skipped
+    # the layer drops both attentions' weights ([0]), so they are skipped; the cross-attention to the 14 joint
+    # features (no mask, all-False key padding as FastMETRO passes it) also runs through the kernel
     fast.self_attn = AdjacencyMultiheadAttention.from_module(eager.self_attn, skip_unused_weights=True)
     fast.multihead_attn = AdjacencyMultiheadAttention.from_module(eager.multihead_attn, skip_unused_weights=True)
     for name, mask in _masks():
@@ -80,11 +81,13 @@ def nsr_decoder_layer(device, quick):
             memory = torch.randn(14, batch, DIM, device=device)  # the 14 joint features of transformer_2
             pos = torch.randn(14, batch, DIM, device=device)
             query_pos = torch.zeros_like(tgt)
-            fast(tgt, memory, tgt_mask=mask, pos=pos, query_pos=query_pos)
+            padding = torch.zeros(batch, 14, dtype=torch.bool, device=device)  # the model's memory_key_padding_mask
+            fast(tgt, memory, tgt_mask=mask, memory_key_padding_mask=padding, pos=pos, query_pos=query_pos)
             yield Case("nsr_decoder_layer", {"mask": name, "L": L, "batch": batch, "dim": DIM, "heads": HEADS,
                                              "dtype": "fp32"}, {
-                "eager": _no_grad(lambda t=tgt, m=memory, p=pos, qp=query_pos, k=mask:
-                                  eager(t, m, tgt_mask=k, pos=p, query_pos=qp)),
-                "tore-kernels attention": _no_grad(lambda t=tgt, m=memory, p=pos, qp=query_pos, k=mask:
-                                                   fast(t, m, tgt_mask=k, pos=p, query_pos=qp)),
+                "eager": _no_grad(lambda t=tgt, m=memory, p=pos, qp=query_pos, k=mask, kp=padding:
+                                  eager(t, m, tgt_mask=k, memory_key_padding_mask=kp, pos=p, query_pos=qp)),
+                "tore-kernels attention": _no_grad(lambda t=tgt, m=memory, p=pos, qp=query_pos, k=mask, kp=padding:
+                                                   fast(t, m, tgt_mask=k, memory_key_padding_mask=kp, pos=p,
+                                                        query_pos=qp)),
             })

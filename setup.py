@@ -111,7 +111,9 @@ def extensions():
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if toolkit else ""
     macros = [("TORE_CUDA_ARCHS", f'"{archs}"'), ("Py_LIMITED_API", "0x030A0000")]
     if flag("TORE_KERNELS_SANITIZE"):
-        cxx = ["-O1", "-g", "-std=c++20", "-fno-omit-frame-pointer", "-fsanitize=address,undefined"] + openmp
+        # -fno-wrapv: python's CFLAGS carry -fwrapv, which defines signed overflow and so hides it from UBSan
+        cxx = ["-O1", "-g", "-std=c++20", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+               "-fno-wrapv"] + openmp
         ldflags = ["-fsanitize=address,undefined"] + openmp
     kwargs = dict(name="tore_kernels._C", include_dirs=[os.path.join(here, "csrc")],
                   extra_link_args=ldflags, define_macros=macros, py_limited_api=True)

@@ -48,9 +48,9 @@ class AdjacencyMultiheadAttention(nn.MultiheadAttention):
     at most ``OPEN_TABLE_MAX_KEYS`` keys (the decoder's cross-attention to the joint tokens) runs through the
     same kernel. An all-False bool key_padding_mask counts as none. On CPU without autograd, the in-projection
     is written into a per-thread buffer kept between calls (the size of the largest call's projection).
-    Everything else takes ``nn.MultiheadAttention``'s own path: key_padding_mask, is_causal, 3-D masks, float masks with finite
-    biases, dropout while training, kdim/vdim != embed_dim, bias_k/add_zero_attn, unbatched input, and
-    ``need_weights=True`` while gradients are being recorded.
+    Everything else takes ``nn.MultiheadAttention``'s own path: key_padding_mask, is_causal, 3-D masks, float
+    masks with finite biases, dropout while training, kdim/vdim != embed_dim, bias_k/add_zero_attn, unbatched
+    input, and ``need_weights=True`` while gradients are being recorded.
 
     ``skip_unused_weights`` (constructor argument or attribute, default False): when True, forward returns
     ``(output, None)`` even if ``need_weights=True``, for callers that discard the weights (FastMETRO calls

@@ -101,9 +101,9 @@ def test_adjacency_multihead_attention(allowed, B, heads, head_dim, dtype, batch
         vd = qd if v is q else v.double()
         exact = mha64(qd, kd, vd, attn_mask=m64, **kwargs)
     no_worse(got[0], same[0], exact[0], "output")
-    if need_weights:
+    if need_weights and exact[1] is not None:
         no_worse(got[1], same[1], exact[1], "weights")
-    else:
+    else:  # not asked for, or nn.MultiheadAttention returns none (it does for an empty batch)
         assert got[1] is None
 
 

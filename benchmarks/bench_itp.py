@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import tore_reference
+from tore_kernels.ops import itp as itp_ops
 from tore_kernels.ops.itp import image_token_prune
 from tore_benchmarks.harness import Case, entry
 
@@ -28,3 +29,14 @@ def itp(device, quick):
             "conv3x3 alone": _no_grad(lambda x=x: F.conv2d(x, conv.weight, conv.bias, padding=1)),
             "tore-kernels": _no_grad(lambda x=x: image_token_prune(x, *params, eps=ln.eps)),
         })
+        if torch.device(device).type == "cpu" and itp_ops.HAS_POST_CONV_OP:
+            # everything after the conv (what the C++ op fuses): the torch sequence vs the op, on the conv's output
+            with torch.no_grad():
+                h = F.conv2d(x, conv.weight, conv.bias, padding=1)
+            rest = (x, fc.weight, fc.bias, ln.weight, ln.bias)
+            part = {"batch": batch, "C": C, "grid": f"{H}x{W}", "N": N, "dtype": "fp32", "part": "post-conv"}
+            yield Case("itp", part, {
+                "torch sequence": _no_grad(lambda h=h, rest=rest: itp_ops._post_conv_torch(h, *rest, ln.eps)),
+                "C++ op": _no_grad(lambda h=h, rest=rest: torch.ops.tore_kernels.image_token_prune_post_conv(
+                    h, *rest, ln.eps, False)),
+            })

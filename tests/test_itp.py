@@ -1,4 +1,8 @@
 """image_token_prune / ImageTokenPruner against tore_reference (tore-model.md section 1)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -303,11 +307,27 @@ def test_post_conv_opcheck(dtype, seq_first):
 
 @pytest.mark.skipif(not itp.HAS_POST_CONV_OP, reason="tore_kernels._C not built")
 @pytest.mark.parametrize("B,C,H,W,N,dtype", [(3, 512, 7, 7, 39, torch.float32), (2, 40, 14, 14, 196, torch.float32),
-                                             (2, 20, 3, 5, 7, torch.float16)])
+                                             (2, 36, 9, 9, 50, torch.float32), (2, 64, 5, 5, 20, torch.float32),
+                                             (2, 20, 3, 5, 7, torch.float32), (2, 20, 3, 5, 7, torch.float16)])
 def test_cpu_path_through_post_conv_op(B, C, H, W, N, dtype):
-    """The production shape and the kernel's edge tiles (C % 8 != 0, N = H*W) against tore_reference; the
-    profiler shows the C++ op ran."""
+    """The production shape and the kernel's edge tiles (C % 8 != 0, N = H*W, every narrower tile width and
+    shorter tile height of its GEMMs) against tore_reference; the profiler shows the C++ op ran."""
     assert itp.backend.choose(itp.OP, "cpu") == "cpu"
     with torch.profiler.profile() as prof:
         _check(B, C, H, W, N, dtype)
     assert any(e.key == "tore_kernels::image_token_prune_post_conv" for e in prof.key_averages())
+
+
+@pytest.mark.skipif(not itp.HAS_POST_CONV_OP, reason="tore_kernels._C not built")
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_post_conv_op_every_isa_clone(capability):
+    """The C++ op compiles its fp32 sample function for the baseline ISA, AVX2 and AVX-512VL and runs the widest
+    that ATen's ATEN_CPU_CAPABILITY allows (read once per process): rerun the op's value tests under each cap."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                           env=env, capture_output=True, text=True, check=True)
+    if probe.stdout.strip() != capability.upper():
+        pytest.skip(f"this CPU has no {capability}")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "test_cpu_path_through_post_conv_op"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and "6 passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]

@@ -12,20 +12,23 @@
 // The intermediates eager rounds to the input dtype (GELU output, logits, heatmap, pre-norm tokens) are
 // rounded the same way here; arithmetic is fp32 (fp64 for fp64 inputs).
 //
-// The GEMMs are register-tiled micro-kernels on 32-byte GCC vectors; the fp32 build of the sample function
-// is compiled twice, for AVX2+FMA (picked at run time when the CPU has both) and for the baseline ISA.
+// The GEMMs are register-tiled micro-kernels on 32-byte GCC vectors; the sample function is compiled three times,
+// for the baseline ISA, AVX2+FMA and AVX-512VL (more registers: bigger tiles), the widest the CPU has picked at run
+// time. The LayerNorm write-out transposes L x L blocks of zt in registers.
 // fp32 GELU uses the same erf approximation as ATen's vectorised CPU GELU (Abramowitz-Stegun 7.1.26,
 // |error| < 1.5e-7); fp64 uses std::erf / std::exp.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -47,7 +50,9 @@ struct Vec {
     return v;
   }
   static TORE_INLINE void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
-  static TORE_INLINE V splat(T s) { return V{} + s; }
+  // a shuffle of lane 0: GCC emits one broadcast (V{} + s costs an add as 0 + -0 is +0, and a lane-by-lane
+  // initialiser is built with inserts when the helper is compiled for the baseline ISA and inlined into AVX2)
+  static TORE_INLINE V splat(T s) { return __builtin_shuffle(V{s}, VI{}); }
 };
 
 // exp for fp32 lanes: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial (Cephes expf), 2^n from the
@@ -123,33 +128,82 @@ TORE_INLINE void tile(const A_t* a, int64_t lda, const T* b, int64_t ldb, T* out
       W::store(out + i * ldo + j * W::L, bias ? acc[i][j] + T(bias[i]) : acc[i][j]);
 }
 
-// Out [M, NVt vectors] = A [M, K] @ B [K, NVt vectors] (+ bias per row): tiles of 6 rows x 2 vectors (12
-// accumulators + 2 loads + 1 broadcast: AVX2's 16 registers), smaller tiles at the edges.
-template <int R, typename T, typename A_t>
+// Out [M, NVt vectors] = A [M, K] @ B [K, NVt vectors] (+ bias per row) in tiles of R rows x NV vectors (R*NV
+// accumulators + NV loads + 1 broadcast must fit the register file), narrower and shorter tiles at the edges.
+template <int R, int NV, typename T, typename A_t>
 TORE_INLINE void gemm_rows(const A_t* a, int64_t lda, const T* b, int64_t ldb, T* out, int64_t ldo, int64_t NVt,
                            int64_t K, const A_t* bias) {
   constexpr int L = Vec<T>::L;
   int64_t v = 0;
-  for (; v + 2 <= NVt; v += 2) tile<R, 2>(a, lda, b + v * L, ldb, out + v * L, ldo, K, bias);
-  if (v < NVt) tile<R, 1>(a, lda, b + v * L, ldb, out + v * L, ldo, K, bias);
+  for (; v + NV <= NVt; v += NV) tile<R, NV>(a, lda, b + v * L, ldb, out + v * L, ldo, K, bias);
+  if constexpr (NV > 1)
+    if (v < NVt) gemm_rows<R, NV - 1>(a, lda, b + v * L, ldb, out + v * L, ldo, NVt - v, K, bias);
 }
 
-template <int R, typename T, typename A_t>
+template <int R, int NV, typename T, typename A_t>
 TORE_INLINE void gemm_tail(const A_t* a, int64_t lda, const T* b, int64_t ldb, T* out, int64_t ldo, int64_t M,
                            int64_t NVt, int64_t K, const A_t* bias) {
   if constexpr (R > 0) {
-    if (M == R) return gemm_rows<R>(a, lda, b, ldb, out, ldo, NVt, K, bias);
-    gemm_tail<R - 1>(a, lda, b, ldb, out, ldo, M, NVt, K, bias);
+    if (M == R) return gemm_rows<R, NV>(a, lda, b, ldb, out, ldo, NVt, K, bias);
+    gemm_tail<R - 1, NV>(a, lda, b, ldb, out, ldo, M, NVt, K, bias);
   }
 }
 
-template <typename T, typename A_t>
+template <int R, int NV, typename T, typename A_t>
 TORE_INLINE void gemm(const A_t* a, int64_t lda, const T* b, int64_t ldb, T* out, int64_t ldo, int64_t M,
                       int64_t NVt, int64_t K, const A_t* bias) {
   int64_t r = 0;
-  for (; r + 6 <= M; r += 6)
-    gemm_rows<6>(a + r * lda, lda, b, ldb, out + r * ldo, ldo, NVt, K, bias ? bias + r : bias);
-  gemm_tail<5>(a + r * lda, lda, b, ldb, out + r * ldo, ldo, M - r, NVt, K, bias ? bias + r : bias);
+  for (; r + R <= M; r += R)
+    gemm_rows<R, NV>(a + r * lda, lda, b, ldb, out + r * ldo, ldo, NVt, K, bias ? bias + r : bias);
+  gemm_tail<R - 1, NV>(a + r * lda, lda, b, ldb, out + r * ldo, ldo, M - r, NVt, K, bias ? bias + r : bias);
+}
+
+// r[i][j] <- r[j][i] for an L x L block: log2(L) rounds of two-input shuffles (unpack, then pairs, then halves)
+template <typename T>
+TORE_INLINE void transpose(typename Vec<T>::V* r) {
+  using W = Vec<T>;
+  using VI = typename W::VI;
+  typename W::V t[W::L];
+  if constexpr (W::L == 8) {
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = __builtin_shuffle(r[i], r[i + 1], VI{0, 8, 1, 9, 4, 12, 5, 13});
+      t[i + 1] = __builtin_shuffle(r[i], r[i + 1], VI{2, 10, 3, 11, 6, 14, 7, 15});
+    }
+    for (int i = 0; i < 8; i += 4)
+      for (int j = 0; j < 2; ++j) {
+        r[i + 2 * j] = __builtin_shuffle(t[i + j], t[i + j + 2], VI{0, 1, 8, 9, 4, 5, 12, 13});
+        r[i + 2 * j + 1] = __builtin_shuffle(t[i + j], t[i + j + 2], VI{2, 3, 10, 11, 6, 7, 14, 15});
+      }
+    for (int k = 0; k < 4; ++k) {
+      t[k] = __builtin_shuffle(r[k], r[k + 4], VI{0, 1, 2, 3, 8, 9, 10, 11});
+      t[k + 4] = __builtin_shuffle(r[k], r[k + 4], VI{4, 5, 6, 7, 12, 13, 14, 15});
+    }
+  } else {
+    static_assert(W::L == 4);
+    for (int i = 0; i < 4; i += 2) {
+      t[i] = __builtin_shuffle(r[i], r[i + 1], VI{0, 4, 2, 6});
+      t[i + 1] = __builtin_shuffle(r[i], r[i + 1], VI{1, 5, 3, 7});
+    }
+    for (int k = 0; k < 2; ++k) {
+      const typename W::V lo = __builtin_shuffle(t[k], t[k + 2], VI{0, 1, 4, 5});
+      t[k + 2] = __builtin_shuffle(t[k], t[k + 2], VI{2, 3, 6, 7});
+      t[k] = lo;
+    }
+  }
+  for (int k = 0; k < W::L; ++k) r[k] = t[k];
+}
+
+// L consecutive scalar_t as a vector of T (a plain load when they are the same type), and back
+template <typename T, typename scalar_t>
+TORE_INLINE void load_as(const scalar_t* p, typename Vec<T>::V& v) {
+  if constexpr (std::is_same_v<scalar_t, T>) v = Vec<T>::load(p);
+  else for (int j = 0; j < Vec<T>::L; ++j) v[j] = T(p[j]);
+}
+
+template <typename scalar_t, typename T>
+TORE_INLINE void store_as(scalar_t* p, typename Vec<T>::V v) {
+  if constexpr (std::is_same_v<scalar_t, T>) Vec<T>::store(p, v);
+  else for (int j = 0; j < Vec<T>::L; ++j) p[j] = scalar_t(v[j]);
 }
 
 struct Shape {
@@ -172,7 +226,7 @@ TORE_INLINE T round_to(T v) {  // the rounding eager applies when it stores an i
   else return T(scalar_t(v));
 }
 
-template <typename scalar_t>
+template <int R, int NV, typename scalar_t>
 TORE_INLINE void sample_body(const Shape& s, int64_t b, const scalar_t* conv, const scalar_t* x, const scalar_t* fw,
                              const scalar_t* fb, const scalar_t* lw, const scalar_t* lb, scalar_t* tok,
                              scalar_t* heat, Buffers<scalar_t>& buf) {
@@ -193,7 +247,7 @@ TORE_INLINE void sample_body(const Shape& s, int64_t b, const scalar_t* conv, co
     for (int64_t p = 0; p < HW; ++p) gr[p] = round_to<scalar_t>(gr[p]);
   }
   // logits = fc_w @ g + fc_b
-  gemm<T, scalar_t>(fw, C4, g, HWp, lg, HWp, N, HWp / L, C4, fb);
+  gemm<R, NV, T, scalar_t>(fw, C4, g, HWp, lg, HWp, N, HWp / L, C4, fb);
   // softmax over the H*W positions of each row: heatmap out, and at = heatmap^T [HW, Np] for the projection
   scalar_t* hr = heat + b * N * HW;
   for (int64_t n = 0; n < N; ++n) {
@@ -211,7 +265,7 @@ TORE_INLINE void sample_body(const Shape& s, int64_t b, const scalar_t* conv, co
     }
   }
   // zt = F @ at ([C, HW] @ [HW, Np]): the pre-norm tokens transposed, vectorised along N and reading F in place
-  gemm<T, scalar_t>(xb, HW, at, Np, zt, Np, C, Np / L, HW, nullptr);
+  gemm<R, NV, T, scalar_t>(xb, HW, at, Np, zt, Np, C, Np / L, HW, nullptr);
   // LayerNorm statistics over [N, C] (zt rounded to scalar_t as eager's bmm output). Columns n >= N of zt are
   // exactly 0 (so are those of at); `valid` masks them out of the squared deviations.
   typename W::V valid;
@@ -241,57 +295,78 @@ TORE_INLINE void sample_body(const Shape& s, int64_t b, const scalar_t* conv, co
   double m2 = 0;
   for (int j = 0; j < L; ++j) m2 += vm[j];
   const T rstd = T(1.0 / std::sqrt(m2 / double(N * C) + s.eps));
-  // tokens[n, c] = (zt[c, n] - mean) * rstd * ln_w[n, c] + ln_b[n, c], L channels at a time: gathered from L
-  // rows of zt, then written as one contiguous vector of the output row
+  // tokens[n, c] = (zt[c, n] - mean) * rstd * ln_w[n, c] + ln_b[n, c]: L x L blocks of zt transposed in registers,
+  // each column then one contiguous run of L channels of an output row
   scalar_t* tb = tok + b * s.tok_sb;
   const int64_t Cv = C / L * L;
-  for (int64_t n = 0; n < N; ++n) {
-    scalar_t* out = tb + n * s.tok_sn;
-    const scalar_t *w = lw + n * C, *bias = lb + n * C;
+  for (int64_t n0 = 0; n0 < N; n0 += L) {
+    const int64_t nn = std::min<int64_t>(L, N - n0);
     for (int64_t c0 = 0; c0 < Cv; c0 += L) {
-      typename W::V v, wv, bv;
-      for (int j = 0; j < L; ++j) {
-        v[j] = zt[(c0 + j) * Np + n];
-        wv[j] = T(w[c0 + j]);
-        bv[j] = T(bias[c0 + j]);
+      typename W::V r[L];
+      for (int j = 0; j < L; ++j) r[j] = W::load(zt + (c0 + j) * Np + n0);
+      transpose<T>(r);
+      for (int64_t k = 0; k < nn; ++k) {
+        const int64_t n = n0 + k;
+        typename W::V wv, bv;
+        load_as<T>(lw + n * C + c0, wv);
+        load_as<T>(lb + n * C + c0, bv);
+        store_as<scalar_t, T>(tb + n * s.tok_sn + c0, (r[k] - mean) * rstd * wv + bv);
       }
-      v = (v - mean) * rstd * wv + bv;
-      for (int j = 0; j < L; ++j) out[c0 + j] = scalar_t(v[j]);
     }
-    for (int64_t c = Cv; c < C; ++c) out[c] = scalar_t((zt[c * Np + n] - mean) * rstd * T(w[c]) + T(bias[c]));
   }
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = Cv; c < C; ++c)
+      tb[n * s.tok_sn + c] = scalar_t((zt[c * Np + n] - mean) * rstd * T(lw[n * C + c]) + T(lb[n * C + c]));
 }
 
+// Every dtype's sample function is compiled per ISA (the baseline build splits each 32-byte vector op and is many
+// times slower). Register tiles: 6 x 2 with 16 vector registers (baseline, AVX2); 4 x 5 with AVX-512VL's 32, still
+// 32-byte vectors (F @ at's Np = 40 columns are 5 of them, and Zen 4 splits 64-byte FMAs in two anyway).
 template <typename scalar_t>
 void sample_default(const Shape& s, int64_t b, const scalar_t* conv, const scalar_t* x, const scalar_t* fw,
                     const scalar_t* fb, const scalar_t* lw, const scalar_t* lb, scalar_t* tok, scalar_t* heat,
                     Buffers<scalar_t>& buf) {
-  sample_body(s, b, conv, x, fw, fb, lw, lb, tok, heat, buf);
+  sample_body<6, 2>(s, b, conv, x, fw, fb, lw, lb, tok, heat, buf);
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define TORE_ITP_AVX2 1
-__attribute__((target("avx2,fma"))) void sample_avx2(const Shape& s, int64_t b, const float* conv, const float* x,
-                                                     const float* fw, const float* fb, const float* lw,
-                                                     const float* lb, float* tok, float* heat,
-                                                     Buffers<float>& buf) {
-  sample_body(s, b, conv, x, fw, fb, lw, lb, tok, heat, buf);
+#define TORE_ITP_X86 1
+template <typename scalar_t>
+__attribute__((target("avx2,fma"))) void sample_avx2(const Shape& s, int64_t b, const scalar_t* conv,
+                                                     const scalar_t* x, const scalar_t* fw, const scalar_t* fb,
+                                                     const scalar_t* lw, const scalar_t* lb, scalar_t* tok,
+                                                     scalar_t* heat, Buffers<scalar_t>& buf) {
+  sample_body<6, 2>(s, b, conv, x, fw, fb, lw, lb, tok, heat, buf);
 }
 
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
+template <typename scalar_t>
+__attribute__((target("avx2,fma,avx512f,avx512vl"))) void sample_avx512(
+    const Shape& s, int64_t b, const scalar_t* conv, const scalar_t* x, const scalar_t* fw, const scalar_t* fb,
+    const scalar_t* lw, const scalar_t* lb, scalar_t* tok, scalar_t* heat, Buffers<scalar_t>& buf) {
+  sample_body<4, 5>(s, b, conv, x, fw, fb, lw, lb, tok, heat, buf);
+}
+
+// The widest clone both the CPU and ATen's dispatch allow: ATEN_CPU_CAPABILITY=default|avx2 caps it like it caps
+// torch's own kernels (the tests run every clone that way).
+enum class Isa { base, avx2, avx512 };
+Isa cpu_isa() {
+  static const Isa isa = [] {
+    const std::string cap = at::get_cpu_capability();  // "DEFAULT", "AVX2", "AVX512" (after the cap)
+    if (cap == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) return Isa::avx512;
+    if (cap != "DEFAULT" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+    return Isa::base;
+  }();
+  return isa;
 }
 #endif
 
 template <typename scalar_t>
-void run_sample(const Shape& s, int64_t b, const scalar_t* conv, const scalar_t* x, const scalar_t* fw,
+void run_sample(int isa, const Shape& s, int64_t b, const scalar_t* conv, const scalar_t* x, const scalar_t* fw,
                 const scalar_t* fb, const scalar_t* lw, const scalar_t* lb, scalar_t* tok, scalar_t* heat,
                 Buffers<scalar_t>& buf) {
-#ifdef TORE_ITP_AVX2
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (has_avx2()) return sample_avx2(s, b, conv, x, fw, fb, lw, lb, tok, heat, buf);
-  }
+#ifdef TORE_ITP_X86
+  if (isa == int(Isa::avx512)) return sample_avx512(s, b, conv, x, fw, fb, lw, lb, tok, heat, buf);
+  if (isa == int(Isa::avx2)) return sample_avx2(s, b, conv, x, fw, fb, lw, lb, tok, heat, buf);
 #endif
   sample_default(s, b, conv, x, fw, fb, lw, lb, tok, heat, buf);
 }
@@ -324,6 +399,11 @@ std::tuple<at::Tensor, at::Tensor> image_token_prune_post_conv_cpu(const at::Ten
   const at::Tensor lw_c = lw.contiguous(), lb_c = lb.contiguous();
   at::Tensor tokens = seq_first ? at::empty({N, B, C}, x.options()) : at::empty({B, N, C}, x.options());
   at::Tensor heatmap = at::empty({B, N, HW}, x.options());
+#ifdef TORE_ITP_X86
+  const int isa = int(cpu_isa());
+#else
+  const int isa = 0;
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "image_token_prune_post_conv", [&] {
     using T = at::opmath_type<scalar_t>;
     constexpr int64_t L = Vec<T>::L;
@@ -335,7 +415,7 @@ std::tuple<at::Tensor, at::Tensor> image_token_prune_post_conv_cpu(const at::Ten
     scalar_t *tp = tokens.data_ptr<scalar_t>(), *hp = heatmap.data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       Buffers<scalar_t> buf(s);
-      for (int64_t b = begin; b < end; ++b) run_sample(s, b, cp, xp, fwp, fbp, lwp, lbp, tp, hp, buf);
+      for (int64_t b = begin; b < end; ++b) run_sample(isa, s, b, cp, xp, fwp, fbp, lwp, lbp, tp, hp, buf);
     });
   });
   return {tokens, heatmap};

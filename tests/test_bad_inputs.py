@@ -61,8 +61,8 @@ OP_CASES = [
     (lambda: mesh_upsample(torch.ones(2, 4, 3), [torch.zeros(2, 3, 4).to_sparse()]), ValueError,
      r"matrices\[0\]: expected a 2-D floating matrix"),
     # zero-size grids and inputs
-    (lambda: image_token_prune(torch.randn(2, 8, 0, 3), *_itp_args()[1:]), ValueError, "features must be non-empty"),
-    (lambda: image_token_prune(torch.randn(2, 8, 3, 0), *_itp_args()[1:]), ValueError, "features must be non-empty"),
+    (lambda: image_token_prune(torch.randn(2, 8, 0, 3), *_itp_args()[1:]), ValueError, "features must have a non-empty grid"),
+    (lambda: image_token_prune(torch.randn(2, 8, 3, 0), *_itp_args()[1:]), ValueError, "features must have a non-empty grid"),
     (lambda: itp_loss(torch.ones(2, 3, 0), torch.ones(2, 5, 2), torch.ones(2), (0, 7)), ValueError,
      "grid_size: expected two ints >= 1"),
     (lambda: token_occupancy(torch.ones(2, 4, 2), (True, 7)), ValueError, "grid_size: expected two ints"),
@@ -96,6 +96,27 @@ def test_module_mask_of_the_wrong_shape():
     blocked[:, 0] = False
     with pytest.raises(RuntimeError, match="attn_mask"):  # nn.MultiheadAttention's own check and message
         mha(x, x, x, attn_mask=blocked)
+
+
+@pytest.mark.parametrize("args, error, match", [
+    ((torch.randn(5, 2, 6),) * 3, ValueError, "query: expected last dimension embed_dim=8"),
+    ((torch.randn(5, 2, 8), torch.randn(5, 2, 6), torch.randn(5, 2, 8)), ValueError, "key: expected last dimension 8"),
+    ((torch.randn(5, 2, 8), "k", "v"), TypeError, "key: expected a torch.Tensor"),
+])
+def test_module_inputs_of_the_wrong_size_or_type(args, error, match):
+    with pytest.raises(error, match=match):  # not nn.MultiheadAttention's AssertionError
+        AdjacencyMultiheadAttention(8, 2).eval()(*args)
+
+
+@pytest.mark.parametrize("mask, error, match", [
+    (torch.zeros(5, 5, dtype=torch.int64), TypeError, "attn_mask: expected bool"),
+    (torch.zeros(5, 5, dtype=torch.bool, device="meta"), ValueError, "attn_mask: expected the device of query"),
+    ("mask", TypeError, "attn_mask: expected a torch.Tensor or None"),
+])
+def test_module_mask_of_the_wrong_dtype_or_device(mask, error, match):
+    x = torch.randn(5, 2, 8)
+    with pytest.raises(error, match=match):
+        AdjacencyMultiheadAttention(8, 2).eval()(x, x, x, attn_mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 odd sizes, strided views, NaN / inf and far-away points): very large batches on the CPU paths, where a kernel
 indexing with 32 bits or splitting its work badly would go wrong. Compared with tore_reference on sampled rows
 (its per-sample loops would take minutes on a million samples)."""
+import pytest
 import torch
 
 import tore_reference
-from tore_kernels.ops import itp_loss, token_occupancy, weak_perspective_project
+from tore_kernels.ops import image_token_prune, itp_loss, token_occupancy, weak_perspective_project
 
 BIG = 2**20 + 7  # samples: past 2**20, an odd count
 
@@ -45,3 +46,17 @@ def test_occupancy_and_loss_very_large_batch():
     expected = tore_reference.itp_loss(heatmap[rows].double(), points2d[rows], has_smpl[rows], (7, 7))
     # float32 op over <= 66 * 49 terms in [0, 1] against float64: (n + 4) u relative (see test_properties_ops)
     assert abs(loss.double() - expected) <= (len(rows) * 49 + 4) * 2**-24 * expected
+
+
+@pytest.mark.parametrize("seq_first", [False, True])
+def test_image_token_prune_empty_batch(seq_first):
+    """B = 0 is defined by the eager sequence (empty tokens and heatmap) and stays differentiable."""
+    ref = tore_reference.ImageTokenPruner(16, 5)
+    x = torch.randn(0, 16, 3, 3, requires_grad=True)
+    conv, fc, ln = ref.token_selector_conv2d, ref.token_selector_fc, ref.layer_norm
+    tokens, heatmap = image_token_prune(x, conv.weight, conv.bias, fc.weight, fc.bias, ln.weight, ln.bias,
+                                        seq_first=seq_first)
+    ref_tokens, ref_heatmap = ref(x)
+    assert tokens.shape == ((5, 0, 16) if seq_first else (0, 5, 16)) and heatmap.shape == ref_heatmap.shape == (0, 5, 9)
+    (tokens.sum() + heatmap.sum()).backward()
+    assert x.grad.shape == x.shape and conv.weight.grad is not None and not conv.weight.grad.any()

@@ -143,8 +143,28 @@ class AdjacencyMultiheadAttention(nn.MultiheadAttention):
         perm = (0, 2, 1, 3) if self.batch_first else (1, 2, 0, 3)
         return tuple(p.permute(perm) for p in parts)
 
+    def _check_args(self, query, key, value, attn_mask):
+        """The errors nn.MultiheadAttention would raise as AssertionError or deep inside the table build, as
+        ValueError / TypeError naming the argument."""
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if query.shape[-1:] != (self.embed_dim,):
+            raise ValueError(f"query: expected last dimension embed_dim={self.embed_dim}, got shape {tuple(query.shape)}")
+        for name, t, dim in (("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.shape[-1:] != (dim,):
+                raise ValueError(f"{name}: expected last dimension {dim}, got shape {tuple(t.shape)}")
+        if attn_mask is not None:
+            if not isinstance(attn_mask, torch.Tensor):
+                raise TypeError(f"attn_mask: expected a torch.Tensor or None, got {type(attn_mask).__name__}")
+            if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+                raise TypeError(f"attn_mask: expected bool (True = blocked) or floating point, got {attn_mask.dtype}")
+            if attn_mask.device != query.device:
+                raise ValueError(f"attn_mask: expected the device of query ({query.device}), got {attn_mask.device}")
+
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
+        self._check_args(query, key, value, attn_mask)
         table = None
         if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor) \
                 and (attn_mask is None or isinstance(attn_mask, torch.Tensor)):

@@ -57,8 +57,8 @@ def _check_inputs(features, conv_weight, conv_bias, fc_weight, fc_bias, ln_weigh
         raise TypeError(f"image_token_prune: features must be float32, float16, bfloat16 or float64, "
                         f"got {features.dtype}")
     B, C, H, W = features.shape
-    if B < 1 or H < 1 or W < 1:
-        raise ValueError(f"image_token_prune: features must be non-empty, got shape {tuple(features.shape)}")
+    if H < 1 or W < 1:
+        raise ValueError(f"image_token_prune: features must have a non-empty grid, got shape {tuple(features.shape)}")
     if C < 4 or C % 4:
         raise ValueError(f"image_token_prune: features channels C must be a positive multiple of 4, got {C}")
     N = fc_weight.shape[0] if fc_weight.dim() == 2 else -1
@@ -378,7 +378,8 @@ def image_token_prune(features, conv_weight, conv_bias, fc_weight, fc_bias, ln_w
     """
     _check_inputs(features, conv_weight, conv_bias, fc_weight, fc_bias, ln_weight, ln_bias, eps)
     args = (features, conv_weight, conv_bias, fc_weight, fc_bias, ln_weight, ln_bias)
-    impl = backend.choose(OP, features.device)
+    # an empty batch has nothing to fuse (and would launch zero-size grids): the eager sequence defines it
+    impl = "reference" if features.shape[0] == 0 else backend.choose(OP, features.device)
     if impl == "triton":
         H, W = features.shape[2:]
         why = ("float64 is not a Triton dtype" if features.dtype not in _TRITON_DTYPES else

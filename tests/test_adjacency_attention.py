@@ -1,13 +1,12 @@
 """Neighbour-list attention (tore_kernels.ops.adjacency_attention) and AdjacencyMultiheadAttention,
 against dense masked softmax attention (SDPA in float64) and nn.MultiheadAttention."""
+import importlib
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import importlib
 
 from tore_kernels import backend
 from tore_kernels.nn.attention import AdjacencyMultiheadAttention

@@ -113,6 +113,22 @@ def _torch_forward(x, cw, cb, fw, fb, lw, lb, eps):
     return _post_conv_torch(F.conv2d(x, cw, cb, padding=1), x, fw, fb, lw, lb, eps)
 
 
+def _recompute_backward(forward, ctx, d_tokens, d_heatmap):
+    """Backward of a fused forward whose saved tensors are ``forward``'s inputs (then eps and seq_first, not
+    differentiable): recompute ``forward`` in torch and differentiate it (the conv's own backward dominates the
+    cost anyway). Gradients flow from both the tokens and the heatmap."""
+    inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+    with torch.enable_grad():
+        tokens, heatmap = forward(*inputs, ctx.eps)
+    if ctx.seq_first and d_tokens is not None:
+        d_tokens = d_tokens.transpose(0, 1)
+    pairs = [(out, grad) for out, grad in ((tokens, d_tokens), (heatmap, d_heatmap)) if grad is not None]
+    wanted = [t for t in inputs if t.requires_grad]
+    grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                 if pairs and wanted else ())
+    return (*[next(grads) if t.requires_grad else None for t in inputs], None, None)
+
+
 # The C++ CPU kernel (csrc/itp/itp_cpu.cpp) fuses everything after the conv into one parallel loop over the
 # batch; the conv stays oneDNN's (and autograd's). Its backward recomputes _post_conv_torch from the saved
 # conv output and differentiates it (cheap next to the conv's own backward).
@@ -130,16 +146,7 @@ if HAS_POST_CONV_OP:
         ctx.eps, ctx.seq_first = inputs[6], inputs[7]
 
     def _post_conv_backward(ctx, d_tokens, d_heatmap):
-        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
-        with torch.enable_grad():
-            tokens, heatmap = _post_conv_torch(*inputs, ctx.eps)
-        if ctx.seq_first and d_tokens is not None:
-            d_tokens = d_tokens.transpose(0, 1)
-        pairs = [(out, grad) for out, grad in ((tokens, d_tokens), (heatmap, d_heatmap)) if grad is not None]
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
-                     if pairs and wanted else ())
-        return (*[next(grads) if t.requires_grad else None for t in inputs], None, None)
+        return _recompute_backward(_post_conv_torch, ctx, d_tokens, d_heatmap)
 
     torch.library.register_autograd("tore_kernels::image_token_prune_post_conv", _post_conv_backward,
                                     setup_context=_post_conv_setup_context)
@@ -346,18 +353,7 @@ if triton is not None:
         ctx.eps, ctx.seq_first = inputs[7], inputs[8]
 
     def _itp_backward(ctx, d_tokens, d_heatmap):
-        # Recompute the forward with the torch sequence and differentiate it (the conv's backward dominates
-        # the cost anyway); gradients flow from both the tokens and the heatmap.
-        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
-        with torch.enable_grad():
-            tokens, heatmap = _torch_forward(*inputs, ctx.eps)
-        if ctx.seq_first and d_tokens is not None:
-            d_tokens = d_tokens.transpose(0, 1)
-        pairs = [(out, grad) for out, grad in ((tokens, d_tokens), (heatmap, d_heatmap)) if grad is not None]
-        wanted = [t for t in inputs if t.requires_grad]
-        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
-                     if pairs and wanted else ())
-        return (*[next(grads) if t.requires_grad else None for t in inputs], None, None)
+        return _recompute_backward(_torch_forward, ctx, d_tokens, d_heatmap)
 
     _itp_triton.register_autograd(_itp_backward, setup_context=_itp_setup_context)
 

@@ -500,6 +500,23 @@ def test_triton_forward_backward(triton_backend, dtype):
         torch.testing.assert_close(g, w, atol=TOL[dtype][0] * 4, rtol=TOL[dtype][1])
 
 
+def test_triton_grid_puts_batch_times_heads_on_axis_0(triton_backend, monkeypatch):
+    """CUDA's grid axes 1 and 2 stop at 65535: batch x heads (e.g. batch 8192 x 8 heads) must be on axis 0."""
+    grids = []
+
+    class Capture:  # stands in for the @triton.jit kernel: records the launch grid, then stops the call
+        def __getitem__(self, grid):
+            grids.append(grid)
+            raise InterruptedError
+
+    monkeypatch.setattr(aa, "_forward_kernel", Capture())
+    blocked = ~torch.eye(40, dtype=torch.bool)
+    q = k = v = torch.randn(3, 5, 40, 8)
+    with pytest.raises(InterruptedError):
+        aa.adjacency_attention(q, k, v, aa.neighbour_table(blocked))
+    assert grids[0][0] == 3 * 5 and grids[0][1] <= 40
+
+
 def test_triton_module(triton_backend):
     mha, fast = _pair(E=32, H=2)
     blocked = ~random_graph(80, 0.03, 14, ("leaf",))

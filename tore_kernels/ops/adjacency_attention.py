@@ -385,8 +385,8 @@ if backend.has_triton():
                         H, L, D, P, W_IDX, scale,
                         sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, so0, so1, so2, so3,
                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
+        pid_m = tl.program_id(1)
+        bh = tl.program_id(0)  # batch x heads on grid axis 0 (2^31 - 1; axis 1 stops at 65535)
         b = bh // H
         h = bh % H
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -427,8 +427,8 @@ if backend.has_triton():
                          so0, so1, so2, so3,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         # dq is [B, H, L, d] contiguous in q's dtype; dk / dv are [B, H, S, d] contiguous fp32 (atomics)
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
+        pid_m = tl.program_id(1)
+        bh = tl.program_id(0)  # batch x heads on grid axis 0 (2^31 - 1; axis 1 stops at 65535)
         b = bh // H
         h = bh % H
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -478,7 +478,7 @@ if backend.has_triton():
         out = torch.empty_strided((B, H, L, d), _out_strides(B, H, L, d, layout), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
         block_m, block_d, warps = _block(d, L)
-        grid = (triton.cdiv(L, block_m), B * H)
+        grid = (B * H, triton.cdiv(L, block_m))
         _forward_kernel[grid](q, k, v, out, lse, index, count, shared, H, L, d, shared.numel(), index.shape[1],
                               float(scale), *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                               BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
@@ -492,7 +492,7 @@ if backend.has_triton():
         dk = torch.zeros((B, H, S, d), dtype=torch.float32, device=q.device)
         dv = torch.zeros((B, H, S, d), dtype=torch.float32, device=q.device)
         block_m, block_d, warps = _block(d, L, backward=True)
-        grid = (triton.cdiv(L, block_m), B * H)
+        grid = (B * H, triton.cdiv(L, block_m))
         _backward_kernel[grid](grad, q, k, v, out, lse, index, count, shared, dq, dk, dv, H, L, S, d, shared.numel(),
                                index.shape[1], float(scale), *grad.stride(), *q.stride(), *k.stride(), *v.stride(),
                                *out.stride(), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)

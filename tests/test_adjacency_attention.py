@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tore_kernels import backend
+from tore_kernels.nn import attention as attention_module
 from tore_kernels.nn.attention import AdjacencyMultiheadAttention
 
 # the submodule (its name is also the exported function's, which `from ... import` would give)
@@ -498,6 +499,23 @@ def test_triton_forward_backward(triton_backend, dtype):
     ref = torch.autograd.grad(want, (q, k, v), grad)
     for g, w in zip(got, ref):
         torch.testing.assert_close(g, w, atol=TOL[dtype][0] * 4, rtol=TOL[dtype][1])
+
+
+@pytest.mark.parametrize("first, then", [("inference_mode", "no_grad"), ("no_grad", "inference_mode")])
+def test_module_inference_buffer_across_grad_modes(first, then):
+    """The reused in-projection buffer works whichever of inference_mode / no_grad made it first."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 2).eval()
+    fast = AdjacencyMultiheadAttention.from_module(mha)
+    blocked = ~torch.eye(10, dtype=torch.bool)
+    blocked[0, 1] = False
+    x = torch.randn(10, 3, 16)
+    with torch.no_grad():
+        want = mha(x, x, x, attn_mask=blocked)[0]
+    attention_module._SCRATCH.__dict__.clear()  # a cold buffer in this thread
+    for mode in (first, then):
+        with getattr(torch, mode)():
+            torch.testing.assert_close(fast(x, x, x, attn_mask=blocked)[0], want, rtol=2e-5, atol=2e-5)
 
 
 def test_triton_grid_puts_batch_times_heads_on_axis_0(triton_backend, monkeypatch):

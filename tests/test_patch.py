@@ -261,6 +261,19 @@ def test_train_mode_gradients_match(kind, mode, topo, features):
                                    msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_training_after_evaluation_under_inference_mode(kind, topo, features):
+    """Evaluate under torch.inference_mode, then keep training: what the patched model cached there (neighbour
+    tables, upsampling chains, scratch buffers) must not be inference tensors that autograd cannot save."""
+    fast = patch(build(kind, topo, dropout=0.0).eval())
+    with torch.inference_mode():
+        fast(features)
+    fast.train()
+    x = features.clone().requires_grad_(True)
+    sum(o.sum() for o in outputs(fast, x)).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 # patch(dtype=torch.bfloat16): linears, convs and attention take bf16 inputs (8 significant bits: each rounding is
 # at most 2^-9 relative). The ~10 residual blocks add such perturbations roughly independently, so the outputs are
 # off by a few 2^-9 of their range: measured <= 0.8 % of each output's range (max - min) over these four models x

@@ -35,7 +35,9 @@ def _inference_scratch(groups, weight):
     numel = sum(x.numel() // x.shape[-1] * (hi - lo) * weight.shape[1] for x, lo, hi in groups)
     buf = getattr(_SCRATCH, "buf", None)
     if buf is None or buf.numel() < numel or buf.dtype != weight.dtype:
-        buf = _SCRATCH.buf = torch.empty(numel, dtype=weight.dtype)
+        # a normal tensor even under inference_mode: one made there could not be written outside it later
+        with torch.inference_mode(False):
+            buf = _SCRATCH.buf = torch.empty(numel, dtype=weight.dtype)
     return buf
 
 

@@ -138,7 +138,9 @@ def _cached(mask: torch.Tensor, dense_row_degree: int | None, strict: bool) -> N
                 _blocked(mask, strict=True)  # raises the explanatory error
             return hit[2]
     blocked = _blocked(mask, strict)  # checks the type first (a list has no .detach); the result is a bool tensor
-    table = None if blocked is None else _build(blocked, dense_row_degree)
+    # normal tensors even under inference_mode: a cached table is later saved for backward when training
+    with torch.inference_mode(False):
+        table = None if blocked is None else _build(blocked, dense_row_degree)
     with _CACHE_LOCK:
         try:  # drop the entry when the mask dies, so a new tensor reusing the id never hits it
             ref = weakref.ref(mask, lambda _r, key=key: _CACHE.pop(key, None))

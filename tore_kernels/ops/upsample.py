@@ -95,7 +95,9 @@ def _prepared(matrices, device, dtype, impl) -> _Prepared:
         if hit is not None and all(ref() is m for ref, m in zip(hit[0], matrices)):  # ids can be reused
             _PREPARED.move_to_end(key)
             return hit[1]
-        with warnings.catch_warnings():  # torch flags CSR (ours, and inside sparse.mm) as beta; covered by tests
+        # normal tensors even under inference_mode: the cached chain is later saved for backward when training
+        with warnings.catch_warnings(), torch.inference_mode(False):
+            # torch flags CSR (ours, and inside sparse.mm) as beta; covered by tests
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             prepared = _Prepared(matrices, device, dtype, impl)
         _PREPARED[key] = (tuple(weakref.ref(m) for m in matrices), prepared)

@@ -113,6 +113,19 @@ def _torch_forward(x, cw, cb, fw, fb, lw, lb, eps):
     return _post_conv_torch(F.conv2d(x, cw, cb, padding=1), x, fw, fb, lw, lb, eps)
 
 
+def _empty_outputs(x, fw, seq_first):
+    """(tokens, heatmap) shaped as the fused ops return them: their fake (meta) implementation."""
+    B, C, H, W = x.shape
+    N = fw.shape[0]
+    return x.new_empty((N, B, C) if seq_first else (B, N, C)), x.new_empty((B, N, H * W))
+
+
+def _save_for_recompute(ctx, inputs, output):
+    """setup_context of the fused ops: their tensor inputs, then eps and seq_first (their last two arguments)."""
+    ctx.save_for_backward(*inputs[:-2])
+    ctx.eps, ctx.seq_first = inputs[-2], inputs[-1]
+
+
 def _recompute_backward(forward, ctx, d_tokens, d_heatmap):
     """Backward of a fused forward whose saved tensors are ``forward``'s inputs (then eps and seq_first, not
     differentiable): recompute ``forward`` in torch and differentiate it (the conv's own backward dominates the
@@ -137,19 +150,13 @@ HAS_POST_CONV_OP = backend.HAS_EXTENSION and hasattr(torch.ops.tore_kernels, "im
 if HAS_POST_CONV_OP:
     @torch.library.register_fake("tore_kernels::image_token_prune_post_conv")
     def _post_conv_fake(conv, x, fw, fb, lw, lb, eps, seq_first):
-        B, C, H, W = x.shape
-        N = fw.shape[0]
-        return x.new_empty((N, B, C) if seq_first else (B, N, C)), x.new_empty((B, N, H * W))
-
-    def _post_conv_setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:6])
-        ctx.eps, ctx.seq_first = inputs[6], inputs[7]
+        return _empty_outputs(x, fw, seq_first)
 
     def _post_conv_backward(ctx, d_tokens, d_heatmap):
         return _recompute_backward(_post_conv_torch, ctx, d_tokens, d_heatmap)
 
     torch.library.register_autograd("tore_kernels::image_token_prune_post_conv", _post_conv_backward,
-                                    setup_context=_post_conv_setup_context)
+                                    setup_context=_save_for_recompute)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,18 +351,12 @@ if triton is not None:
     @_itp_triton.register_fake
     def _itp_triton_fake(x, cw, cb, fw, fb, lw, lb, eps, seq_first):
         # explicit: under TRITON_INTERPRET=1 the wrapped kernels would otherwise run on fake tensors
-        B, C, H, W = x.shape
-        N = fw.shape[0]
-        return x.new_empty((N, B, C) if seq_first else (B, N, C)), x.new_empty((B, N, H * W))
-
-    def _itp_setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:7])
-        ctx.eps, ctx.seq_first = inputs[7], inputs[8]
+        return _empty_outputs(x, fw, seq_first)
 
     def _itp_backward(ctx, d_tokens, d_heatmap):
         return _recompute_backward(_torch_forward, ctx, d_tokens, d_heatmap)
 
-    _itp_triton.register_autograd(_itp_backward, setup_context=_itp_setup_context)
+    _itp_triton.register_autograd(_itp_backward, setup_context=_save_for_recompute)
 
 
 # ----------------------------------------------------------------------------------------------

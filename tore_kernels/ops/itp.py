@@ -222,6 +222,15 @@ if triton is not None:
         tl.store(out, logits, mask=n_mask[:, None] & p_mask[None, :])
 
     @triton.jit
+    def _token_tile(a, x_b, c0, C, HW, offs_hw, hw_mask, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                    IEEE: tl.constexpr):
+        """z = a @ F[c0:c0 + BLOCK_C]^T in fp32 for one sample (both passes of the kernel below compute it)."""
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        ft = tl.load(x_b + offs_c[None, :] * HW + offs_hw[:, None], mask=hw_mask[:, None] & c_mask[None, :], other=0.0)
+        return _mma(a, ft, tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32), IEEE), offs_c, c_mask
+
+    @triton.jit
     def _itp_project_norm_kernel(logits_ptr, x_ptr, lw_ptr, lb_ptr, heat_ptr, tok_ptr,
                                  C, HW, N, stride_tb, stride_tn, eps,
                                  BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -249,11 +258,7 @@ if triton is not None:
             a = a.to(x_ptr.dtype.element_ty)
             n_valid = tl.minimum(N - n0, BLOCK_N).to(tl.float32)
             for c0 in range(0, C, BLOCK_C):
-                offs_c = c0 + tl.arange(0, BLOCK_C)
-                c_mask = offs_c < C
-                ft = tl.load(x_b + offs_c[None, :] * HW + offs_hw[:, None],
-                             mask=hw_mask[:, None] & c_mask[None, :], other=0.0)
-                z = _mma(a, ft, tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32), IEEE)
+                z, offs_c, c_mask = _token_tile(a, x_b, c0, C, HW, offs_hw, hw_mask, BLOCK_N, BLOCK_C, IEEE)
                 zmask = n_mask[:, None] & c_mask[None, :]
                 cnt = n_valid * tl.minimum(C - c0, BLOCK_C).to(tl.float32)
                 t_mean = tl.sum(tl.where(zmask, z, 0.0)) / cnt
@@ -274,11 +279,7 @@ if triton is not None:
             a = tl.load(heat_ptr + rows, mask=n_mask[:, None] & hw_mask[None, :], other=0.0)
             a = a.to(x_ptr.dtype.element_ty)
             for c0 in range(0, C, BLOCK_C):
-                offs_c = c0 + tl.arange(0, BLOCK_C)
-                c_mask = offs_c < C
-                ft = tl.load(x_b + offs_c[None, :] * HW + offs_hw[:, None],
-                             mask=hw_mask[:, None] & c_mask[None, :], other=0.0)
-                z = _mma(a, ft, tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32), IEEE)
+                z, offs_c, c_mask = _token_tile(a, x_b, c0, C, HW, offs_hw, hw_mask, BLOCK_N, BLOCK_C, IEEE)
                 zmask = n_mask[:, None] & c_mask[None, :]
                 ln = offs_n[:, None] * C + offs_c[None, :]
                 w = tl.load(lw_ptr + ln, mask=zmask, other=0.0).to(tl.float32)

@@ -383,20 +383,23 @@ if backend.has_triton():
         return tl.where(in_table, col_table, col_shared)
 
     @triton.jit
+    def _program_rows(count_ptr, H, L, D, P, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's (batch x head, batch, head), its block of query rows and head dims with their masks, and
+        each row's number of keys (shared + table; 0 for dense rows). Batch x heads is grid axis 0 (up to
+        2^31 - 1 programs; CUDA's axis 1 stops at 65535), the row blocks axis 1."""
+        bh = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        row_ok = rows < L
+        count = tl.load(count_ptr + rows, mask=row_ok, other=-1)
+        return bh, bh // H, bh % H, rows, dims, row_ok, dims < D, tl.where(count >= 0, count + P, 0)
+
+    @triton.jit
     def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, index_ptr, count_ptr, shared_ptr,
                         H, L, D, P, W_IDX, scale,
                         sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, so0, so1, so2, so3,
                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        pid_m = tl.program_id(1)
-        bh = tl.program_id(0)  # batch x heads on grid axis 0 (2^31 - 1; axis 1 stops at 65535)
-        b = bh // H
-        h = bh % H
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        dims = tl.arange(0, BLOCK_D)
-        row_ok = rows < L
-        dim_ok = dims < D
-        count = tl.load(count_ptr + rows, mask=row_ok, other=-1)
-        degree = tl.where(count >= 0, count + P, 0)
+        bh, b, h, rows, dims, row_ok, dim_ok, degree = _program_rows(count_ptr, H, L, D, P, BLOCK_M, BLOCK_D)
         q = tl.load(q_ptr + b * sq0 + h * sq1 + rows[:, None] * sq2 + dims[None, :] * sq3,
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32) * scale
         m_i = tl.full((BLOCK_M,), NEG, tl.float32)
@@ -429,17 +432,8 @@ if backend.has_triton():
                          so0, so1, so2, so3,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         # dq is [B, H, L, d] contiguous in q's dtype; dk / dv are [B, H, S, d] contiguous fp32 (atomics)
-        pid_m = tl.program_id(1)
-        bh = tl.program_id(0)  # batch x heads on grid axis 0 (2^31 - 1; axis 1 stops at 65535)
-        b = bh // H
-        h = bh % H
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        dims = tl.arange(0, BLOCK_D)
-        row_ok = rows < L
-        dim_ok = dims < D
+        bh, b, h, rows, dims, row_ok, dim_ok, degree = _program_rows(count_ptr, H, L, D, P, BLOCK_M, BLOCK_D)
         rd = row_ok[:, None] & dim_ok[None, :]
-        count = tl.load(count_ptr + rows, mask=row_ok, other=-1)
-        degree = tl.where(count >= 0, count + P, 0)
         q = tl.load(q_ptr + b * sq0 + h * sq1 + rows[:, None] * sq2 + dims[None, :] * sq3, mask=rd, other=0.0)
         q = q.to(tl.float32)
         g = tl.load(g_ptr + b * sg0 + h * sg1 + rows[:, None] * sg2 + dims[None, :] * sg3, mask=rd, other=0.0)

@@ -2,6 +2,8 @@
 against dense masked softmax attention (SDPA in float64) and nn.MultiheadAttention."""
 import importlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from tore_kernels import backend
-from tore_kernels.nn import attention as attention_module
 from tore_kernels.nn.attention import AdjacencyMultiheadAttention
 
 # the submodule (its name is also the exported function's, which `from ... import` would give)
 aa = importlib.import_module("tore_kernels.ops.adjacency_attention")
+linear_module = importlib.import_module("tore_kernels.ops.linear")
 needs_ext = pytest.mark.skipif(not backend.HAS_EXTENSION, reason="tore_kernels._C is not built")
 
 # Output of a softmax-weighted mean of O(1) values: fp32 rounding of a few dozen terms stays far below
@@ -205,11 +207,15 @@ def reference_weights(q, k, blocked, scale):
     return scores.masked_fill(blocked, float("-inf")).softmax(-1).mean(1)
 
 
-# (H, d, dtype, unit last-dim stride): the fused fp32 kernel for d % 8 == 0 with head counts that are not a
-# multiple of 8 and H * d not a multiple of 32 (its tails), the generic kernel otherwise
+# (H, d, dtype, unit last-dim stride): the fused fp32 kernels, AVX-512 for d % 16 == 0 and H dividing 16 (the
+# d = 16 specialisation, generic d, H * d not a multiple of 128: its tails; rows with more than 128 (neighbour,
+# head) pairs, prefix445, go to AVX2) and AVX2 for d % 8 == 0 with head counts that are not a multiple of 8 and
+# H * d not a multiple of 32 (its tails); the generic kernel otherwise
 WEIGHTS_CASES = [(8, 16, torch.float32, True), (3, 8, torch.float32, True), (5, 24, torch.float32, True),
                  (2, 128, torch.float32, True), (9, 16, torch.float32, True), (2, 12, torch.float32, True),
-                 (3, 16, torch.float32, False), (4, 16, torch.float64, True), (2, 16, torch.bfloat16, True)]
+                 (1, 32, torch.float32, True), (4, 48, torch.float32, True), (16, 16, torch.float32, True),
+                 (8, 32, torch.float32, True), (3, 16, torch.float32, False), (4, 16, torch.float64, True),
+                 (2, 16, torch.bfloat16, True)]
 
 
 @needs_ext
@@ -502,8 +508,8 @@ def test_triton_forward_backward(triton_backend, dtype):
 
 
 @pytest.mark.parametrize("first, then", [("inference_mode", "no_grad"), ("no_grad", "inference_mode")])
-def test_module_inference_buffer_across_grad_modes(first, then):
-    """The reused in-projection buffer works whichever of inference_mode / no_grad made it first."""
+def test_module_packed_weights_across_grad_modes(first, then):
+    """The cached packed projection weights work whichever of inference_mode / no_grad made them first."""
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(16, 2).eval()
     fast = AdjacencyMultiheadAttention.from_module(mha)
@@ -512,7 +518,7 @@ def test_module_inference_buffer_across_grad_modes(first, then):
     x = torch.randn(10, 3, 16)
     with torch.no_grad():
         want = mha(x, x, x, attn_mask=blocked)[0]
-    attention_module._SCRATCH.__dict__.clear()  # a cold buffer in this thread
+    linear_module._DERIVED.clear()  # a cold cache
     for mode in (first, then):
         with getattr(torch, mode)():
             torch.testing.assert_close(fast(x, x, x, attn_mask=blocked)[0], want, rtol=2e-5, atol=2e-5)
@@ -550,3 +556,20 @@ def test_gpu_report_configs_cover_head_dims_and_dtypes():
         for ty in ("fp32", "fp16", "bf16"):
             assert f"adjacency_attention_forward[d<={d},{ty}]" in names
             assert f"adjacency_attention_backward[d<={d},{ty}]" in names
+
+
+@needs_ext
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_cpu_kernel_every_isa_clone(capability):
+    """The fp32 forward has AVX-512 and AVX2 kernels and a portable one, chosen once per process by the CPU and
+    ATen's ATEN_CPU_CAPABILITY: rerun the op's value tests under each cap."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                           env=env, capture_output=True, text=True, check=True)
+    if probe.stdout.strip() != capability.upper():
+        pytest.skip(f"this CPU has no {capability}")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "test_forward_weights_op or test_strides_head_dims_layouts or test_module_random_graph"],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and " passed" in run.stdout and "failed" not in run.stdout, \
+        run.stdout[-3000:] + run.stderr[-2000:]

@@ -27,10 +27,13 @@ What is swapped:
   released code): no all-False key-padding masks or all-zero ``query_pos`` (no-ops that cost a mask merge per
   attention call and two additions per decoder layer), dense attention as SDPA on views of the in-projection
   with the output projected in place, in-place ReLU and residual additions (without autograd), and for queries
-  broadcast over the batch the self-attention block and the cross-attention's query projection computed once.
+  broadcast over the batch the self-attention block and the cross-attention's query projection computed once;
+* every ``nn.Linear`` (same way) and the attention projections run, in inference on CPU, oneDNN's linear on a
+  weight packed once per parameter version and cached outside the model (:mod:`tore_kernels.ops.linear`), with
+  the MLP's ReLU fused.
 
 ``patch(model, dtype=torch.bfloat16)`` (opt-in) also runs the forward under bf16 autocast: linears, convs and
-attention in bf16 with cached bf16 weight copies; LayerNorm, the residual stream, the fused ITP, the output heads
+attention in bf16 with cached bf16 (packed) weight copies; LayerNorm, the residual stream, the fused ITP, the output heads
 (``_FP32_HEADS``) and the mesh upsampling in fp32; outputs fp32; parameters and ``state_dict`` untouched.
 
 ``patch`` validates everything and builds every replacement before touching the model (all-or-nothing), is
@@ -42,7 +45,6 @@ from __future__ import annotations
 
 import logging
 import re
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +54,7 @@ from torch import nn
 from .nn.attention import AdjacencyMultiheadAttention
 from .nn.mesh import MeshSampler
 from .ops.itp import image_token_prune
+from .ops.linear import derived_weight, linear
 
 __all__ = ["PatchReport", "patch", "unpatch", "patch_report"]
 
@@ -268,11 +271,11 @@ def _broadcast(x):
     return x.dim() == 3 and x.shape[1] > 1 and x.stride(1) == 0
 
 
-def _linear(x, weight, bias):
-    """F.linear, once for a batch-broadcast ``x``."""
+def _linear(x, weight, bias, rows=None):
+    """:func:`~tore_kernels.ops.linear.linear` (packed weights in inference), once for a batch-broadcast ``x``."""
     if _broadcast(x):
-        return F.linear(x[:, :1], weight, bias).expand(-1, x.shape[1], -1)
-    return F.linear(x, weight, bias)
+        return linear(x[:, :1], weight, bias, rows=rows).expand(-1, x.shape[1], -1)
+    return linear(x, weight, bias, rows=rows)
 
 
 def _attend(mha, query, key, value, attn_mask=None):
@@ -284,27 +287,27 @@ def _attend(mha, query, key, value, attn_mask=None):
             or mha.add_zero_attn or mha.batch_first or mha.in_proj_bias is None:
         return mha(query, key, value=value, attn_mask=attn_mask)[0]
     E, H = mha.embed_dim, mha.num_heads
-    w, b = _w(mha.in_proj_weight), mha.in_proj_bias
+    w, b = mha.in_proj_weight, mha.in_proj_bias
     if query is key and key is value:
         q, k, v = _linear(query, w, b).unflatten(-1, (3, H, -1)).unbind(-3)
     else:
-        q = _linear(query, w[:E], b[:E]).unflatten(-1, (H, -1))
+        q = _linear(query, w, b, rows=(0, E)).unflatten(-1, (H, -1))
         if key is value:
-            k, v = _linear(key, w[E:], b[E:]).unflatten(-1, (2, H, -1)).unbind(-3)
+            k, v = _linear(key, w, b, rows=(E, 3 * E)).unflatten(-1, (2, H, -1)).unbind(-3)
         else:
-            k = _linear(key, w[E:2 * E], b[E:2 * E]).unflatten(-1, (H, -1))
-            v = _linear(value, w[2 * E:], b[2 * E:]).unflatten(-1, (H, -1))
+            k = _linear(key, w, b, rows=(E, 2 * E)).unflatten(-1, (H, -1))
+            v = _linear(value, w, b, rows=(2 * E, 3 * E)).unflatten(-1, (H, -1))
     if q.shape[1] != k.shape[1]:  # a broadcast query over per-sample keys
         q = q.expand(-1, k.shape[1], -1, -1)
     out = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)))  # [B, H, L, d]
     # SDPA writes in q's memory order, the projection's [L, B, H, d]: a free view (a copy for a broadcast q)
-    return F.linear(out.permute(2, 0, 1, 3).flatten(2), _w(mha.out_proj.weight), mha.out_proj.bias)
+    return linear(out.permute(2, 0, 1, 3).flatten(2), mha.out_proj.weight, mha.out_proj.bias)
 
 
 def _mlp(layer, x, norm):
-    h = layer.linear1(norm(x))
-    h = h.relu_() if layer.activation is F.relu else layer.activation(h)  # in place: h is ours
-    return layer.linear2(h)
+    relu = layer.activation is F.relu  # fused into the packed linear in inference
+    h = linear(norm(x), layer.linear1.weight, layer.linear1.bias, relu=relu)
+    return linear(h if relu else layer.activation(h), layer.linear2.weight, layer.linear2.bias)
 
 
 def _add(x, y, own):
@@ -412,36 +415,23 @@ class _FP32MeshSampler(MeshSampler):
             return super().downsample(x.float(), n1, n2)
 
 
-_BF16_WEIGHTS: dict[int, tuple] = {}  # id(parameter) -> (weakref to it, (version, data_ptr), bf16 copy)
-
-
-def _w(weight):
-    """Under patch(dtype=bf16)'s autocast, in inference (no autograd), the bf16 copy of a matmul weight, made
-    once per version of the parameter (autocast would cast every weight again on every call: ~25 M values for
-    the L-size head); otherwise the weight itself. The copy lives outside the model (not in its state_dict)."""
-    device = weight.device.type
-    if (torch.is_grad_enabled() or weight.dtype != torch.float32 or not torch.is_autocast_enabled(device)
-            or torch.get_autocast_dtype(device) != torch.bfloat16):
-        return weight
-    key, i = (weight._version, weight.data_ptr()), id(weight)
-    hit = _BF16_WEIGHTS.get(i)
-    if hit is None or hit[0]() is not weight or hit[1] != key:
-        ref = weakref.ref(weight, lambda _, i=i: _BF16_WEIGHTS.pop(i, None))  # dropped with the parameter
-        hit = _BF16_WEIGHTS[i] = (ref, key, weight.detach().to(torch.bfloat16))
-    return hit[2]
-
-
-def _bf16_linear_forward(self, input):
-    return F.linear(input, _w(self.weight), self.bias)
+def _packed_linear_forward(self, input):
+    return linear(input, self.weight, self.bias)
 
 
 def _bf16_conv_forward(self, input):
-    return self._conv_forward(input, _w(self.weight), self.bias)
+    """Under patch(dtype=bf16)'s autocast, in inference, the conv takes a bf16 weight copy made once per version of
+    the parameter (autocast would cast every weight again on every call); otherwise the weight itself."""
+    weight, device = self.weight, self.weight.device.type
+    if not torch.is_grad_enabled() and weight.dtype == torch.float32 and torch.is_autocast_enabled(device) \
+            and torch.get_autocast_dtype(device) == torch.bfloat16:
+        weight = derived_weight(weight, "bf16", lambda w: w.to(torch.bfloat16))
+    return self._conv_forward(input, weight, self.bias)
 
 
 def _fp32_linear_forward(self, input):
     with torch.autocast(input.device.type, enabled=False):
-        return F.linear(input.to(self.weight.dtype), self.weight, self.bias)
+        return linear(input.to(self.weight.dtype), self.weight, self.bias)
 
 
 _PATCHED_CLASSES: dict[tuple, type] = {}
@@ -512,10 +502,12 @@ def patch(model: nn.Module, *, dtype: torch.dtype | None = None, verbose: bool =
         if fused_itp:
             swapped.append(("forward", "inline ITP", "fused image_token_prune, broadcast token embeddings"))
         heads = [name for name in _FP32_HEADS if isinstance(getattr(inner, name, None), nn.Linear)] if bf16 else []
+        swapped.append(("Linear modules and attention projections", "F.linear", "oneDNN linear on weights packed "
+                        "once per parameter version, in inference"))
         if bf16:
             swapped += [(name, "Linear", "Linear kept in fp32 under autocast") for name in heads]
-            swapped.append(("Linear / Conv2d modules", "fp32 weights", "bf16 weight copies cached per parameter "
-                            "version in inference"))
+            swapped.append(("Conv2d modules", "fp32 weights", "bf16 weight copies cached per parameter version "
+                            "in inference"))
             swapped.append(("forward", "fp32", "bf16 autocast (LayerNorm, softmax statistics, residuals, "
                             "ITP, upsampling and outputs in fp32)"))
         state = _State(PatchReport(kind, tuple(swapped)), [], bf16)
@@ -525,10 +517,12 @@ def patch(model: nn.Module, *, dtype: torch.dtype | None = None, verbose: bool =
         state.originals.append((inner, "mesh_sampler", inner.mesh_sampler))
         inner.mesh_sampler = sampler
         forwards = [(getattr(inner, name), _fp32_linear_forward) for name in heads]
-        if bf16:  # the other linears and convs take cached bf16 weights (the ITP's are read by the fused op)
-            keep = {id(getattr(inner, name, None)) for name in heads + list(_ITP_PARTS)}
-            forwards += [(m, _bf16_linear_forward if type(m) is nn.Linear else _bf16_conv_forward)
-                         for m in inner.modules() if type(m) in (nn.Linear, nn.Conv2d) and id(m) not in keep]
+        # the other linears run on packed weights in inference (bf16 ones under autocast), with bf16 the convs on
+        # cached bf16 weights; the ITP's modules are read by the fused op
+        keep = {id(getattr(inner, name, None)) for name in heads + list(_ITP_PARTS)}
+        forwards += [(m, _packed_linear_forward if type(m) is nn.Linear else _bf16_conv_forward)
+                     for m in inner.modules()
+                     if (type(m) is nn.Linear or (bf16 and type(m) is nn.Conv2d)) and id(m) not in keep]
         for name in transformers:
             t = getattr(inner, name)
             forwards.append((t, _fast_transformer_forward))

@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_isa.h"
+
 #include <algorithm>
 #include <cstring>
 #include <cmath>
@@ -296,6 +298,12 @@ struct FusedF32 {
   Table tab;
   float scale;
   bool batch_inner;
+  // row r -> sample b, token i, in q's memory order: token-major when the batch stride is the smaller one
+  // (seq-first input)
+  void split(int64_t r, int64_t& b, int64_t& i) const {
+    b = batch_inner ? r % B : r / L;
+    i = batch_inner ? r / B : r % L;
+  }
 };
 
 // lane t = the sum of u[t]'s 8 lanes
@@ -328,8 +336,8 @@ template <int64_t D>
 TORE_AVX2_FN static inline __attribute__((always_inline)) void fused_f32_row(const FusedF32& a, int64_t r,
                                                                              int64_t* keys, float* score) {
   const int64_t H = a.H, d = D > 0 ? D : a.d, HD = H * d, Hp = (H + 7) / 8 * 8;
-  // walk rows in q's memory order: token-major when the batch stride is the smaller one (seq-first input)
-  const int64_t b = a.batch_inner ? r % a.B : r / a.L, i = a.batch_inner ? r / a.B : r % a.L;
+  int64_t b, i;
+  a.split(r, b, i);
   float* o = a.o + b * a.ob + i * a.oi;
   float* wr = a.w ? a.w + (b * a.L + i) * a.S : nullptr;
   if (wr) std::memset(wr, 0, a.S * sizeof(float));
@@ -412,29 +420,179 @@ TORE_AVX2_FN static void fused_f32_rows(const FusedF32& a, int64_t begin, int64_
   }
 }
 
+// ---- fp32 forward, AVX-512 ---------------------------------------------------------------------------------
+// Same row walk as the AVX2 kernel for d a multiple of 16: each head's dot product is one 16-lane vector per
+// 16 columns, and the products of 16 (neighbour, head) pairs are reduced into one vector of 16 scores at once.
+// The row's scaled q stays in registers (D = 16: 8 heads in 8 registers), the scores are laid out [neighbour,
+// head] as in the AVX2 kernel, and the softmax runs on 16 heads per vector.
+#define TORE_AVX512_FN __attribute__((target("avx2,fma,avx512f,avx512dq,avx512vl")))
+
+// lane t = the sum of u[t]'s 16 lanes (a transposing reduction: 30 shuffles and 15 additions)
+TORE_AVX512_FN static inline __m512 sum16x16(const __m512* u) {
+  __m512 a[8], b[4], c[2];
+  for (int t = 0; t < 8; ++t)  // per 128-bit block: [u0+u2, u1+u3 of pair members]
+    a[t] = _mm512_add_ps(_mm512_unpacklo_ps(u[2 * t], u[2 * t + 1]), _mm512_unpackhi_ps(u[2 * t], u[2 * t + 1]));
+  for (int t = 0; t < 4; ++t) {  // per block: the block sums of u[4t .. 4t+3]
+    const __m512d x = _mm512_castps_pd(a[2 * t]), y = _mm512_castps_pd(a[2 * t + 1]);
+    b[t] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int t = 0; t < 2; ++t)  // blocks: u[8t..8t+3] (halves 0+1, 2+3), u[8t+4..8t+7] (0+1, 2+3)
+    c[t] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * t], b[2 * t + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(b[2 * t], b[2 * t + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// exp_nonpositive8 on 16 lanes
+TORE_AVX512_FN static inline __m512 exp_nonpositive16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  for (float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// Lanes t = neighbour * H + head: every lane gets the max (or sum) over the lanes of its head.
+template <int H, bool MAX>
+TORE_AVX512_FN static inline __m512 fold_heads(__m512 x) {
+  for (int o = H; o < 16; o *= 2) {  // lane t meets lane t ^ o: after the last step every lane has its head's total
+    const __m512i idx = _mm512_xor_si512(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                         _mm512_set1_epi32(o));
+    const __m512 y = _mm512_permutexvar_ps(idx, x);
+    x = MAX ? _mm512_max_ps(x, y) : _mm512_add_ps(x, y);
+  }
+  return x;
+}
+
+// One query row r, all heads, for H dividing 16: the scores of 16 / H neighbours (lane t = neighbour t / H, head
+// t % H) form one vector, so the scores of a row fit in a few registers and the softmax needs no lane shuffling
+// beyond folding the per-head max and sum. scratch: key offsets [max_deg rounded up to 16 / H], probabilities
+// [groups * 16] and the scaled q row [H * d]. D > 0 fixes the head dim (a multiple of 16) at compile time.
+constexpr int64_t kMaxGroups = 8;  // up to 8 * 16 (neighbour, head) pairs per row in registers; more: AVX2 kernel
+
+template <int64_t D, int H>
+TORE_AVX512_FN static inline __attribute__((always_inline)) void fused_f32_row_avx512(const FusedF32& a, int64_t r,
+                                                                                      int64_t* keys, float* prob,
+                                                                                      float* qs) {
+  constexpr int G = 16 / H;  // neighbours per vector
+  const int64_t d = D > 0 ? D : a.d, HD = H * d, V = d / 16;  // V vectors per head
+  int64_t b, i;
+  a.split(r, b, i);
+  float* o = a.o + b * a.ob + i * a.oi;
+  float* wr = a.w ? a.w + (b * a.L + i) * a.S : nullptr;
+  if (wr) std::memset(wr, 0, a.S * sizeof(float));
+  const int64_t deg = a.tab.degree(i);
+  if (deg < 0) {  // a dense row, computed by the caller
+    std::memset(o, 0, HD * sizeof(float));
+    for (int64_t h = 0; h < H; ++h) a.lse[(b * H + h) * a.L + i] = 0.0f;
+    return;
+  }
+  const int64_t groups = (deg + G - 1) / G;
+  for (int64_t j = 0; j < groups * G; ++j) keys[j] = (j < deg ? a.tab.key(i, j) : a.tab.key(i, 0)) * a.kn;
+  const float* qr = a.q + b * a.qb + i * a.qi;
+  const float* kb = a.k + b * a.kb;
+  const float* vb = a.v + b * a.vb;
+  const __m512 scale = _mm512_set1_ps(a.scale);
+  for (int64_t c = 0; c < HD; c += 16) _mm512_storeu_ps(qs + c, _mm512_mul_ps(_mm512_loadu_ps(qr + c), scale));
+  __m512 sc[kMaxGroups];
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 mx = neg_inf;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 u[16];
+    for (int t = 0; t < 16; ++t) {
+      const float* kr = kb + keys[g * G + t / H] + (t % H) * d;
+      const float* qh = qs + (t % H) * d;
+      __m512 s = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(kr));
+      for (int64_t c = 1; c < V; ++c) s = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), _mm512_loadu_ps(kr + 16 * c), s);
+      u[t] = s;
+    }
+    const int64_t valid = std::min<int64_t>(16, (deg - g * G) * H);  // padding neighbours: -inf, probability 0
+    sc[g] = _mm512_mask_blend_ps(__mmask16((1u << valid) - 1u), neg_inf, sum16x16(u));
+    mx = _mm512_max_ps(mx, sc[g]);
+  }
+  mx = fold_heads<H, true>(mx);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    sc[g] = exp_nonpositive16(_mm512_sub_ps(sc[g], mx));
+    sum = _mm512_add_ps(sum, sc[g]);
+  }
+  sum = fold_heads<H, false>(sum);
+  const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), sum);
+  for (int64_t g = 0; g < groups; ++g) _mm512_storeu_ps(prob + 16 * g, _mm512_mul_ps(sc[g], inv));
+  alignas(64) float m16[16], s16[16];
+  _mm512_store_ps(m16, mx);
+  _mm512_store_ps(s16, sum);
+  for (int h = 0; h < H; ++h) a.lse[(b * H + h) * a.L + i] = m16[h] + std::log(s16[h]);
+  // out = sum_j p[j, head] v_j: 8 accumulators hide the FMA latency
+  for (int64_t c0 = 0; c0 < HD; c0 += 128) {
+    const int64_t nv = std::min<int64_t>(8, (HD - c0) / 16);
+    __m512 acc[8];
+    for (int t = 0; t < 8; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < deg; ++j) {
+      const float* vr = vb + keys[j] / a.kn * a.vn + c0;
+      const float* pj = prob + j * H;
+      for (int t = 0; t < 8; ++t)
+        if (t < nv) acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(pj[(c0 + 16 * t) / d]), _mm512_loadu_ps(vr + 16 * t), acc[t]);
+    }
+    for (int t = 0; t < 8; ++t)
+      if (t < nv) _mm512_storeu_ps(o + c0 + 16 * t, acc[t]);
+  }
+  if (wr) {  // nn.MultiheadAttention's head average: sum over heads / H
+    for (int64_t j = 0; j < deg; ++j) {
+      float s = 0.0f;
+      for (int h = 0; h < H; ++h) s += prob[j * H + h];
+      wr[keys[j] / a.kn] = s / static_cast<float>(H);
+    }
+  }
+}
+
+template <int64_t D, int H>
+TORE_AVX512_FN static void fused_f32_rows_avx512_d(const FusedF32& a, int64_t begin, int64_t end, int64_t* keys,
+                                                   float* prob, float* qs) {
+  for (int64_t r = begin; r < end; ++r) fused_f32_row_avx512<D, H>(a, r, keys, prob, qs);
+}
+
+TORE_AVX512_FN static void fused_f32_rows_avx512(const FusedF32& a, int64_t begin, int64_t end, int64_t* keys,
+                                                 float* prob, float* qs) {
+  switch (a.H) {
+    case 1: return fused_f32_rows_avx512_d<0, 1>(a, begin, end, keys, prob, qs);
+    case 2: return fused_f32_rows_avx512_d<0, 2>(a, begin, end, keys, prob, qs);
+    case 4: return fused_f32_rows_avx512_d<0, 4>(a, begin, end, keys, prob, qs);
+    case 8: return a.d == 16 ? fused_f32_rows_avx512_d<16, 8>(a, begin, end, keys, prob, qs)
+                             : fused_f32_rows_avx512_d<0, 8>(a, begin, end, keys, prob, qs);
+    default: return fused_f32_rows_avx512_d<0, 16>(a, begin, end, keys, prob, qs);
+  }
+}
+
 bool heads_fused(const at::Tensor& t) {
   return t.size(3) <= 1 || (t.stride(3) == 1 && (t.size(1) <= 1 || t.stride(1) == t.size(3)));
 }
 
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
-
 bool try_fused_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Table& tab, double scale,
                    at::Tensor& out, at::Tensor& lse, at::Tensor* weights) {
-  if (q.scalar_type() != at::kFloat || q.size(3) % 8 != 0 || !has_avx2() || !heads_fused(q) || !heads_fused(k) ||
-      !heads_fused(v) || !heads_fused(out))
+  const Isa isa = cpu_isa();
+  const int64_t max_deg = std::max<int64_t>(tab.num_shared + tab.width, 1), H = q.size(1);
+  const bool avx512 = isa == Isa::avx512 && q.size(3) % 16 == 0 && 16 % H == 0 &&
+                      (max_deg * H + 15) / 16 <= kMaxGroups;
+  if (q.scalar_type() != at::kFloat || q.size(3) % 8 != 0 || isa == Isa::base || !heads_fused(q) ||
+      !heads_fused(k) || !heads_fused(v) || !heads_fused(out))
     return false;
   FusedF32 a{q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(), out.data_ptr<float>(),
              lse.data_ptr<float>(), weights ? weights->data_ptr<float>() : nullptr, q.stride(0), q.stride(2),
              k.stride(0), k.stride(2), v.stride(0), v.stride(2), out.stride(0), out.stride(2), q.size(0), q.size(1),
-             q.size(2), k.size(2), q.size(3), tab, static_cast<float>(scale), q.stride(0) < q.stride(2)};
-  const int64_t max_deg = std::max<int64_t>(tab.num_shared + tab.width, 1), Hp = (a.H + 7) / 8 * 8;
+             q.size(2), k.size(2), q.size(3), tab, static_cast<float>(scale),
+             q.stride(0) < q.stride(2)};
+  const int64_t score_size = avx512 ? (max_deg * H + 15) / 16 * 16 : max_deg * ((H + 7) / 8 * 8);
   at::parallel_for(0, a.B * a.L, 16, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> keys(max_deg);
-    std::vector<float> score(max_deg * Hp);
-    fused_f32_rows(a, begin, end, keys.data(), score.data());
+    std::vector<int64_t> keys(max_deg + 16);
+    std::vector<float> score(score_size), qs(avx512 ? a.H * a.d : 0);
+    if (avx512) fused_f32_rows_avx512(a, begin, end, keys.data(), score.data(), qs.data());
+    else fused_f32_rows(a, begin, end, keys.data(), score.data());
   });
   return true;
 }

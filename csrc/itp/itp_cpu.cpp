@@ -21,14 +21,14 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
+
+#include "cpu_isa.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -346,18 +346,6 @@ __attribute__((target("avx2,fma,avx512f,avx512vl"))) void sample_avx512(
   sample_body<4, 5>(s, b, conv, x, fw, fb, lw, lb, tok, heat, buf);
 }
 
-// The widest clone both the CPU and ATen's dispatch allow: ATEN_CPU_CAPABILITY=default|avx2 caps it like it caps
-// torch's own kernels (the tests run every clone that way).
-enum class Isa { base, avx2, avx512 };
-Isa cpu_isa() {
-  static const Isa isa = [] {
-    const std::string cap = at::get_cpu_capability();  // "DEFAULT", "AVX2", "AVX512" (after the cap)
-    if (cap == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) return Isa::avx512;
-    if (cap != "DEFAULT" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
-    return Isa::base;
-  }();
-  return isa;
-}
 #endif
 
 template <typename scalar_t>

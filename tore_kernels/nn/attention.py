@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import math
-import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import backend
+from ..ops.linear import linear
 # names, not the submodule: tore_kernels.ops.adjacency_attention is also the exported function's name
 from ..ops.adjacency_attention import (LAYOUT_BLHD, LAYOUT_LBHD, OP, attention_weights,
                                        attention_with_averaged_weights, attention_with_lse, open_table,
@@ -19,28 +19,6 @@ from ..ops.adjacency_attention import (LAYOUT_BLHD, LAYOUT_LBHD, OP, attention_w
 OPEN_TABLE_MAX_KEYS = 64
 
 
-_SCRATCH = threading.local()
-
-
-def _inference_scratch(groups, weight):
-    """A per-thread CPU buffer for the in-projection output when no autograd graph is recorded, else None.
-
-    The projection lives only during one forward (the kernel reads it, the output is a new tensor). A fresh
-    20+ MB block per call is returned to the OS by glibc and page-faulted back in by the next call, which
-    at batch 32 cost more than the attention itself; reusing one buffer per thread avoids that.
-    """
-    tensors = [x for x, _, _ in groups] + [weight]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return None
-    numel = sum(x.numel() // x.shape[-1] * (hi - lo) * weight.shape[1] for x, lo, hi in groups)
-    buf = getattr(_SCRATCH, "buf", None)
-    if buf is None or buf.numel() < numel or buf.dtype != weight.dtype:
-        # a normal tensor even under inference_mode: one made there could not be written outside it later
-        with torch.inference_mode(False):
-            buf = _SCRATCH.buf = torch.empty(numel, dtype=weight.dtype)
-    return buf
-
-
 class AdjacencyMultiheadAttention(nn.MultiheadAttention):
     """Drop-in ``nn.MultiheadAttention`` (same constructor, parameters, state_dict, forward and return value).
 
@@ -48,8 +26,8 @@ class AdjacencyMultiheadAttention(nn.MultiheadAttention):
     the keys, apart from a few dense rows) the attention runs through the neighbour table of the mask
     (:mod:`tore_kernels.ops.adjacency_attention`), built once per mask tensor. On CPU, unmasked attention to
     at most ``OPEN_TABLE_MAX_KEYS`` keys (the decoder's cross-attention to the joint tokens) runs through the
-    same kernel. An all-False bool key_padding_mask counts as none. On CPU without autograd, the in-projection
-    is written into a per-thread buffer kept between calls (the size of the largest call's projection).
+    same kernel. An all-False bool key_padding_mask counts as none. On CPU without autograd, the projections
+    run on oneDNN-packed weights (:func:`tore_kernels.ops.linear.linear`).
     Everything else takes ``nn.MultiheadAttention``'s own path: key_padding_mask, is_causal, 3-D masks, float
     masks with finite biases, dropout while training, kdim/vdim != embed_dim, bias_k/add_zero_attn, unbatched
     input, and ``need_weights=True`` while gradients are being recorded.
@@ -119,7 +97,6 @@ class AdjacencyMultiheadAttention(nn.MultiheadAttention):
     def _project(self, query, key, value):
         """q [B, H, L, d] and k, v [B, H, S, d] as views of the in-projection outputs (no copies)."""
         E, H = self.embed_dim, self.num_heads
-        w, b = self.in_proj_weight, self.in_proj_bias
         if query is key and key is value:
             groups = ((query, 0, 3),)
         elif key is value:
@@ -128,22 +105,31 @@ class AdjacencyMultiheadAttention(nn.MultiheadAttention):
             groups = ((query, 0, 2), (value, 2, 3))
         else:
             groups = ((query, 0, 1), (key, 1, 2), (value, 2, 3))
-        scratch = _inference_scratch(groups, w) if query.device.type == "cpu" else None
-        parts, used = [], 0
+        parts = []
         for x, lo, hi in groups:
-            wi, bi = w[lo * E:hi * E], None if b is None else b[lo * E:hi * E]
-            if scratch is None:
-                y = F.linear(x, wi, bi)
-            else:  # the same GEMM, written into the reused buffer
-                x2 = x.reshape(-1, E)
-                out = scratch[used:used + x2.shape[0] * wi.shape[0]].view(x2.shape[0], wi.shape[0])
-                used += out.numel()
-                y = (torch.mm(x2, wi.t(), out=out) if bi is None else torch.addmm(bi, x2, wi.t(), out=out))
-                y = y.view(*x.shape[:-1], wi.shape[0])
+            y = linear(x, self.in_proj_weight, self.in_proj_bias, rows=(lo * E, hi * E))
             parts.extend(y.unflatten(-1, (hi - lo, H, -1)).unbind(-3))
         # [L, B, H, d] (seq first) or [B, L, H, d] (batch first) -> [B, H, L, d]
         perm = (0, 2, 1, 3) if self.batch_first else (1, 2, 0, 3)
         return tuple(p.permute(perm) for p in parts)
+
+    def _sparse_forward(self, query, key, value, table, need_weights, average_attn_weights):
+        """(output, weights or None) through the kernel, for inputs ``_sparse_table`` accepted."""
+        q, k, v = self._project(query, key, value)
+        B, H, L, d = q.shape
+        scale = 1.0 / math.sqrt(d)
+        layout = LAYOUT_BLHD if self.batch_first else LAYOUT_LBHD
+        weights = None
+        if need_weights and average_attn_weights:
+            out, weights = attention_with_averaged_weights(q, k, v, table, scale, layout)
+        else:
+            out, lse = attention_with_lse(q, k, v, table, scale, layout)
+            if need_weights:
+                weights = attention_weights(q, k, table, scale, lse, average_attn_weights)
+        out = out.permute(0, 2, 1, 3) if self.batch_first else out.permute(2, 0, 1, 3)
+        out = linear(out.reshape(out.shape[0], out.shape[1], self.embed_dim), self.out_proj.weight,
+                     self.out_proj.bias)
+        return out, weights
 
     def _check_args(self, query, key, value, attn_mask):
         """The errors nn.MultiheadAttention would raise as AssertionError or deep inside the table build, as
@@ -177,18 +163,6 @@ class AdjacencyMultiheadAttention(nn.MultiheadAttention):
                                            attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                            is_causal=is_causal)
             return out, weights
-        q, k, v = self._project(query, key, value)
-        B, H, L, d = q.shape
-        scale = 1.0 / math.sqrt(d)
-        layout = LAYOUT_BLHD if self.batch_first else LAYOUT_LBHD
-        weights = None
-        if need_weights and not self.skip_unused_weights and average_attn_weights:
-            out, weights = attention_with_averaged_weights(q, k, v, table, scale, layout)
-        else:
-            out, lse = attention_with_lse(q, k, v, table, scale, layout)
-            if need_weights and not self.skip_unused_weights:
-                weights = attention_weights(q, k, table, scale, lse, average_attn_weights)
-        out = out.permute(0, 2, 1, 3) if self.batch_first else out.permute(2, 0, 1, 3)
-        out = F.linear(out.reshape(out.shape[0], out.shape[1], self.embed_dim), self.out_proj.weight,
-                       self.out_proj.bias)
-        return out, weights
+        return self._sparse_forward(query, key, value, table, need_weights and not self.skip_unused_weights,
+                                    average_attn_weights)
+

@@ -1,0 +1,84 @@
+"""tore_kernels.ops.linear: packed-weight inference linears against F.linear, and their per-parameter cache."""
+import gc
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+lin = importlib.import_module("tore_kernels.ops.linear")
+packs = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+def _packed_entries(weight):
+    return [k for k in lin._DERIVED if k[0] == id(weight) and k[1].startswith("onednn")]
+
+
+@packs
+@pytest.mark.parametrize("rows", [None, (0, 24), (24, 72)])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_f_linear(rows, relu, bias):
+    g = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(72, 40, generator=g))
+    b = torch.nn.Parameter(torch.randn(72, generator=g)) if bias else None
+    x = torch.randn(9, 5, 40, generator=g).transpose(0, 1)  # 3-D and not contiguous, as attention inputs are
+    lo, hi = rows or (0, 72)
+    want = F.linear(x, w[lo:hi], None if b is None else b[lo:hi])
+    want = want.relu() if relu else want
+    with torch.no_grad():
+        got = lin.linear(x, w, b, rows=rows, relu=relu)
+    assert _packed_entries(w), "the inference call did not take the packed path"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@packs
+def test_cache_follows_the_parameter():
+    w = torch.nn.Parameter(torch.randn(16, 8))
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        lin.linear(x, w)
+        w.mul_(2)  # in place: a new version
+        torch.testing.assert_close(lin.linear(x, w), x @ w.t())
+        w.data = torch.randn(16, 8)  # a new storage
+        torch.testing.assert_close(lin.linear(x, w), x @ w.t())
+    assert len(_packed_entries(w)) == 1
+    key = _packed_entries(w)[0]
+    del w
+    gc.collect()
+    assert key not in lin._DERIVED  # dropped with the parameter
+
+
+def test_autograd_takes_f_linear():
+    g = torch.Generator().manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(12, 6, generator=g))
+    b = torch.nn.Parameter(torch.randn(12, generator=g))
+    x = torch.randn(5, 6, generator=g, requires_grad=True)
+    got = lin.linear(x, w, b, rows=(2, 10), relu=True)
+    want = F.linear(x, w[2:10], b[2:10]).relu()
+    gy = torch.randn(want.shape, generator=g)
+    for a, e in zip(torch.autograd.grad(got, (x, w, b), gy), torch.autograd.grad(want, (x, w, b), gy)):
+        torch.testing.assert_close(a, e)
+
+
+@packs
+def test_bf16_autocast_and_inference_mode():
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.nn.Parameter(torch.randn(32, 64, generator=g)), torch.nn.Parameter(torch.randn(32, generator=g))
+    x = torch.randn(10, 64, generator=g)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lin.linear(x, w, b)
+        want = F.linear(x, w, b)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=5e-2)
+    # the cache made under inference_mode still serves (and training still runs F.linear) outside it
+    with torch.no_grad():
+        lin.linear(x, w, b)
+    lin.linear(x, w, b).sum().backward()
+    assert w.grad is not None
+
+
+def test_without_onednn_is_f_linear():
+    w, x = torch.randn(8, 4), torch.randn(3, 4)
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
+        assert torch.equal(lin.linear(x, w, relu=True), F.linear(x, w).relu())

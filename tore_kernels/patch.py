@@ -281,8 +281,8 @@ def _linear(x, weight, bias, rows=None):
 
 def _attend(mha, query, key, value, attn_mask=None):
     """``mha(query, key, value, attn_mask=attn_mask)[0]`` in eval mode. Masked calls go to the module (the
-    neighbour-list kernel). Dense ones run SDPA (fp32 on CPU with at most ``OPEN_TABLE_MAX_KEYS`` keys: the kernel
-    with every key shared) on views of the in-projection (packed when inputs coincide; once for a batch-broadcast
+    neighbour-list kernel). Dense ones run SDPA (on CPU with at most ``OPEN_TABLE_MAX_KEYS`` keys: the kernel with
+    every key shared) on views of the in-projection (packed when inputs coincide; once for a batch-broadcast
     query) and out-project the ``[L, B, H, d]`` result as it is: no mask merging, no head-averaged weights, no
     copies. Returns ``[L, B, E]``."""
     if attn_mask is not None or mha.training or not mha._qkv_same_embed_dim or mha.bias_k is not None \

@@ -290,9 +290,12 @@ struct Kernels {
 #define TORE_AA_AVX2 1
 #define TORE_AVX2_FN __attribute__((target("avx2,fma")))
 
-struct FusedF32 {
-  const float *q, *k, *v;
-  float *o, *lse, *w;  // w: head-averaged weights [B, L, S] or nullptr
+template <typename T>  // the storage type of q, k, v, out and weights (float, or bf16 for the AVX-512 kernel)
+struct Fused {
+  const T *q, *k, *v;
+  T* o;
+  float* lse;
+  T* w;  // head-averaged weights [B, L, S] or nullptr
   int64_t qb, qi, kb, kn, vb, vn, ob, oi;  // batch and token strides; the [H, d] block is contiguous
   int64_t B, H, L, S, d;
   Table tab;
@@ -333,7 +336,7 @@ TORE_AVX2_FN static inline __m256 exp_nonpositive8(__m256 x) {
 // to 8), overwritten by the normalised probabilities. D > 0 fixes the head dim at compile time (the per-head
 // loops unroll and keep the partial sums in registers; head = column / D is a shift).
 template <int64_t D>
-TORE_AVX2_FN static inline __attribute__((always_inline)) void fused_f32_row(const FusedF32& a, int64_t r,
+TORE_AVX2_FN static inline __attribute__((always_inline)) void fused_f32_row(const Fused<float>& a, int64_t r,
                                                                              int64_t* keys, float* score) {
   const int64_t H = a.H, d = D > 0 ? D : a.d, HD = H * d, Hp = (H + 7) / 8 * 8;
   int64_t b, i;
@@ -409,7 +412,7 @@ TORE_AVX2_FN static inline __attribute__((always_inline)) void fused_f32_row(con
   }
 }
 
-TORE_AVX2_FN static void fused_f32_rows(const FusedF32& a, int64_t begin, int64_t end, int64_t* keys,
+TORE_AVX2_FN static void fused_f32_rows(const Fused<float>& a, int64_t begin, int64_t end, int64_t* keys,
                                         float* score) {
   switch (a.d) {
     case 8: for (int64_t r = begin; r < end; ++r) fused_f32_row<8>(a, r, keys, score); break;
@@ -420,12 +423,28 @@ TORE_AVX2_FN static void fused_f32_rows(const FusedF32& a, int64_t begin, int64_
   }
 }
 
-// ---- fp32 forward, AVX-512 ---------------------------------------------------------------------------------
-// Same row walk as the AVX2 kernel for d a multiple of 16: each head's dot product is one 16-lane vector per
+// ---- fp32 / bf16 forward, AVX-512 ---------------------------------------------------------------------------
+// Same row walk as the AVX2 kernel for d a multiple of 16 (bf16 storage is widened to fp32 on load and rounded
+// once on store; all arithmetic is fp32): each head's dot product is one 16-lane vector per
 // 16 columns, and the products of 16 (neighbour, head) pairs are reduced into one vector of 16 scores at once.
 // The row's scaled q stays in registers (D = 16: 8 heads in 8 registers), the scores are laid out [neighbour,
 // head] as in the AVX2 kernel, and the softmax runs on 16 heads per vector.
 #define TORE_AVX512_FN __attribute__((target("avx2,fma,avx512f,avx512dq,avx512vl")))
+
+// 16 values as fp32 lanes: bf16 is the upper half of an fp32
+TORE_AVX512_FN static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+TORE_AVX512_FN static inline __m512 load16(const c10::BFloat16* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+TORE_AVX512_FN static inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+TORE_AVX512_FN static inline void store16(c10::BFloat16* p, __m512 x) {  // round to nearest even, NaN stays NaN
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
 
 // lane t = the sum of u[t]'s 16 lanes (a transposing reduction: 30 shuffles and 15 additions)
 TORE_AVX512_FN static inline __m512 sum16x16(const __m512* u) {
@@ -475,40 +494,40 @@ TORE_AVX512_FN static inline __m512 fold_heads(__m512 x) {
 // [groups * 16] and the scaled q row [H * d]. D > 0 fixes the head dim (a multiple of 16) at compile time.
 constexpr int64_t kMaxGroups = 8;  // up to 8 * 16 (neighbour, head) pairs per row in registers; more: AVX2 kernel
 
-template <int64_t D, int H>
-TORE_AVX512_FN static inline __attribute__((always_inline)) void fused_f32_row_avx512(const FusedF32& a, int64_t r,
-                                                                                      int64_t* keys, float* prob,
-                                                                                      float* qs) {
+template <typename T, int64_t D, int H>
+TORE_AVX512_FN static inline __attribute__((always_inline)) void fused_row_avx512(const Fused<T>& a, int64_t r,
+                                                                                  int64_t* keys, float* prob,
+                                                                                  float* qs) {
   constexpr int G = 16 / H;  // neighbours per vector
   const int64_t d = D > 0 ? D : a.d, HD = H * d, V = d / 16;  // V vectors per head
   int64_t b, i;
   a.split(r, b, i);
-  float* o = a.o + b * a.ob + i * a.oi;
-  float* wr = a.w ? a.w + (b * a.L + i) * a.S : nullptr;
-  if (wr) std::memset(wr, 0, a.S * sizeof(float));
+  T* o = a.o + b * a.ob + i * a.oi;
+  T* wr = a.w ? a.w + (b * a.L + i) * a.S : nullptr;
+  if (wr) std::fill(wr, wr + a.S, T(0));
   const int64_t deg = a.tab.degree(i);
   if (deg < 0) {  // a dense row, computed by the caller
-    std::memset(o, 0, HD * sizeof(float));
+    std::fill(o, o + HD, T(0));
     for (int64_t h = 0; h < H; ++h) a.lse[(b * H + h) * a.L + i] = 0.0f;
     return;
   }
   const int64_t groups = (deg + G - 1) / G;
   for (int64_t j = 0; j < groups * G; ++j) keys[j] = (j < deg ? a.tab.key(i, j) : a.tab.key(i, 0)) * a.kn;
-  const float* qr = a.q + b * a.qb + i * a.qi;
-  const float* kb = a.k + b * a.kb;
-  const float* vb = a.v + b * a.vb;
+  const T* qr = a.q + b * a.qb + i * a.qi;
+  const T* kb = a.k + b * a.kb;
+  const T* vb = a.v + b * a.vb;
   const __m512 scale = _mm512_set1_ps(a.scale);
-  for (int64_t c = 0; c < HD; c += 16) _mm512_storeu_ps(qs + c, _mm512_mul_ps(_mm512_loadu_ps(qr + c), scale));
+  for (int64_t c = 0; c < HD; c += 16) _mm512_storeu_ps(qs + c, _mm512_mul_ps(load16(qr + c), scale));
   __m512 sc[kMaxGroups];
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 mx = neg_inf;
   for (int64_t g = 0; g < groups; ++g) {
     __m512 u[16];
     for (int t = 0; t < 16; ++t) {
-      const float* kr = kb + keys[g * G + t / H] + (t % H) * d;
+      const T* kr = kb + keys[g * G + t / H] + (t % H) * d;
       const float* qh = qs + (t % H) * d;
-      __m512 s = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(kr));
-      for (int64_t c = 1; c < V; ++c) s = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), _mm512_loadu_ps(kr + 16 * c), s);
+      __m512 s = _mm512_mul_ps(_mm512_loadu_ps(qh), load16(kr));
+      for (int64_t c = 1; c < V; ++c) s = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), load16(kr + 16 * c), s);
       u[t] = s;
     }
     const int64_t valid = std::min<int64_t>(16, (deg - g * G) * H);  // padding neighbours: -inf, probability 0
@@ -534,38 +553,39 @@ TORE_AVX512_FN static inline __attribute__((always_inline)) void fused_f32_row_a
     __m512 acc[8];
     for (int t = 0; t < 8; ++t) acc[t] = _mm512_setzero_ps();
     for (int64_t j = 0; j < deg; ++j) {
-      const float* vr = vb + keys[j] / a.kn * a.vn + c0;
+      const T* vr = vb + keys[j] / a.kn * a.vn + c0;
       const float* pj = prob + j * H;
       for (int t = 0; t < 8; ++t)
-        if (t < nv) acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(pj[(c0 + 16 * t) / d]), _mm512_loadu_ps(vr + 16 * t), acc[t]);
+        if (t < nv) acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(pj[(c0 + 16 * t) / d]), load16(vr + 16 * t), acc[t]);
     }
     for (int t = 0; t < 8; ++t)
-      if (t < nv) _mm512_storeu_ps(o + c0 + 16 * t, acc[t]);
+      if (t < nv) store16(o + c0 + 16 * t, acc[t]);
   }
   if (wr) {  // nn.MultiheadAttention's head average: sum over heads / H
     for (int64_t j = 0; j < deg; ++j) {
       float s = 0.0f;
       for (int h = 0; h < H; ++h) s += prob[j * H + h];
-      wr[keys[j] / a.kn] = s / static_cast<float>(H);
+      wr[keys[j] / a.kn] = T(s / static_cast<float>(H));
     }
   }
 }
 
-template <int64_t D, int H>
-TORE_AVX512_FN static void fused_f32_rows_avx512_d(const FusedF32& a, int64_t begin, int64_t end, int64_t* keys,
-                                                   float* prob, float* qs) {
-  for (int64_t r = begin; r < end; ++r) fused_f32_row_avx512<D, H>(a, r, keys, prob, qs);
+template <typename T, int64_t D, int H>
+TORE_AVX512_FN static void fused_rows_avx512_d(const Fused<T>& a, int64_t begin, int64_t end, int64_t* keys,
+                                               float* prob, float* qs) {
+  for (int64_t r = begin; r < end; ++r) fused_row_avx512<T, D, H>(a, r, keys, prob, qs);
 }
 
-TORE_AVX512_FN static void fused_f32_rows_avx512(const FusedF32& a, int64_t begin, int64_t end, int64_t* keys,
-                                                 float* prob, float* qs) {
+template <typename T>
+TORE_AVX512_FN static void fused_rows_avx512(const Fused<T>& a, int64_t begin, int64_t end, int64_t* keys,
+                                             float* prob, float* qs) {
   switch (a.H) {
-    case 1: return fused_f32_rows_avx512_d<0, 1>(a, begin, end, keys, prob, qs);
-    case 2: return fused_f32_rows_avx512_d<0, 2>(a, begin, end, keys, prob, qs);
-    case 4: return fused_f32_rows_avx512_d<0, 4>(a, begin, end, keys, prob, qs);
-    case 8: return a.d == 16 ? fused_f32_rows_avx512_d<16, 8>(a, begin, end, keys, prob, qs)
-                             : fused_f32_rows_avx512_d<0, 8>(a, begin, end, keys, prob, qs);
-    default: return fused_f32_rows_avx512_d<0, 16>(a, begin, end, keys, prob, qs);
+    case 1: return fused_rows_avx512_d<T, 0, 1>(a, begin, end, keys, prob, qs);
+    case 2: return fused_rows_avx512_d<T, 0, 2>(a, begin, end, keys, prob, qs);
+    case 4: return fused_rows_avx512_d<T, 0, 4>(a, begin, end, keys, prob, qs);
+    case 8: return a.d == 16 ? fused_rows_avx512_d<T, 16, 8>(a, begin, end, keys, prob, qs)
+                             : fused_rows_avx512_d<T, 0, 8>(a, begin, end, keys, prob, qs);
+    default: return fused_rows_avx512_d<T, 0, 16>(a, begin, end, keys, prob, qs);
   }
 }
 
@@ -573,26 +593,39 @@ bool heads_fused(const at::Tensor& t) {
   return t.size(3) <= 1 || (t.stride(3) == 1 && (t.size(1) <= 1 || t.stride(1) == t.size(3)));
 }
 
+template <typename T>
+Fused<T> fused_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Table& tab, double scale,
+                    at::Tensor& out, at::Tensor& lse, at::Tensor* weights) {
+  return Fused<T>{q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(), out.data_ptr<T>(),
+                  lse.data_ptr<float>(), weights ? weights->data_ptr<T>() : nullptr, q.stride(0), q.stride(2),
+                  k.stride(0), k.stride(2), v.stride(0), v.stride(2), out.stride(0), out.stride(2), q.size(0),
+                  q.size(1), q.size(2), k.size(2), q.size(3), tab, static_cast<float>(scale),
+                  q.stride(0) < q.stride(2)};
+}
+
+// The fp32 kernels (AVX-512: also bf16 storage) when the CPU, the shapes and the strides allow; false otherwise.
 bool try_fused_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Table& tab, double scale,
                    at::Tensor& out, at::Tensor& lse, at::Tensor* weights) {
   const Isa isa = cpu_isa();
-  const int64_t max_deg = std::max<int64_t>(tab.num_shared + tab.width, 1), H = q.size(1);
-  const bool avx512 = isa == Isa::avx512 && q.size(3) % 16 == 0 && 16 % H == 0 &&
-                      (max_deg * H + 15) / 16 <= kMaxGroups;
-  if (q.scalar_type() != at::kFloat || q.size(3) % 8 != 0 || isa == Isa::base || !heads_fused(q) ||
+  const int64_t max_deg = std::max<int64_t>(tab.num_shared + tab.width, 1), H = q.size(1), d = q.size(3);
+  const bool avx512 = isa == Isa::avx512 && d % 16 == 0 && 16 % H == 0 && (max_deg * H + 15) / 16 <= kMaxGroups;
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  if (!(q.scalar_type() == at::kFloat || (bf16 && avx512)) || d % 8 != 0 || isa == Isa::base || !heads_fused(q) ||
       !heads_fused(k) || !heads_fused(v) || !heads_fused(out))
     return false;
-  FusedF32 a{q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(), out.data_ptr<float>(),
-             lse.data_ptr<float>(), weights ? weights->data_ptr<float>() : nullptr, q.stride(0), q.stride(2),
-             k.stride(0), k.stride(2), v.stride(0), v.stride(2), out.stride(0), out.stride(2), q.size(0), q.size(1),
-             q.size(2), k.size(2), q.size(3), tab, static_cast<float>(scale),
-             q.stride(0) < q.stride(2)};
   const int64_t score_size = avx512 ? (max_deg * H + 15) / 16 * 16 : max_deg * ((H + 7) / 8 * 8);
-  at::parallel_for(0, a.B * a.L, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, q.size(0) * q.size(2), 16, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> keys(max_deg + 16);
-    std::vector<float> score(score_size), qs(avx512 ? a.H * a.d : 0);
-    if (avx512) fused_f32_rows_avx512(a, begin, end, keys.data(), score.data(), qs.data());
-    else fused_f32_rows(a, begin, end, keys.data(), score.data());
+    std::vector<float> score(score_size), qs(avx512 ? H * d : 0);
+    if (bf16)
+      fused_rows_avx512(fused_args<c10::BFloat16>(q, k, v, tab, scale, out, lse, weights), begin, end, keys.data(),
+                        score.data(), qs.data());
+    else if (avx512)
+      fused_rows_avx512(fused_args<float>(q, k, v, tab, scale, out, lse, weights), begin, end, keys.data(),
+                        score.data(), qs.data());
+    else
+      fused_f32_rows(fused_args<float>(q, k, v, tab, scale, out, lse, weights), begin, end, keys.data(),
+                     score.data());
   });
   return true;
 }

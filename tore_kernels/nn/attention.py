@@ -14,16 +14,19 @@ from ..ops.adjacency_attention import (LAYOUT_BLHD, LAYOUT_LBHD, OP, attention_w
                                        attention_with_averaged_weights, attention_with_lse, open_table,
                                        table_or_none)
 
-# Without a mask, fp32 attention to at most this many keys runs through the CPU kernel with every key shared by
-# all queries. Measured at batch 32, 8 heads (min of 40): 431 queries x 14 keys, d 16 (the NSR's cross-attention
-# to the joint tokens): 2.0 ms against SDPA's 7.0; 40 x 40 keys, d 64: 2.3 against 1.5.
+# Without a mask, attention to at most this many keys runs through the CPU kernel with every key shared by all
+# queries. Measured at batch 32, 8 heads (min of 40): 431 queries x 14 keys, d 16 (the NSR's cross-attention to
+# the joint tokens): 2.0 ms against SDPA's 7.0 (bf16 with AVX-512: 2.1 against 9.2); 40 x 40 keys, d 64: 2.3
+# against 1.5.
 OPEN_TABLE_MAX_KEYS = 16
 
 
 def few_keys_table(num_queries: int, num_keys: int, dtype: torch.dtype, device: torch.device):
     """The all-open neighbour table when unmasked attention to ``num_keys`` keys is faster through the CPU kernel
-    than through SDPA, else None."""
-    if num_keys > OPEN_TABLE_MAX_KEYS or dtype != torch.float32 or backend.choose(OP, device) != "cpu":
+    than through SDPA (fp32, or bf16 where the AVX-512 kernel runs), else None."""
+    fast_dtype = dtype == torch.float32 or (dtype == torch.bfloat16
+                                            and torch.backends.cpu.get_cpu_capability() == "AVX512")
+    if num_keys > OPEN_TABLE_MAX_KEYS or not fast_dtype or backend.choose(OP, device) != "cpu":
         return None
     return open_table(num_queries, num_keys, device)
 
@@ -33,10 +36,10 @@ class AdjacencyMultiheadAttention(nn.MultiheadAttention):
 
     When ``attn_mask`` is a 2-D ``[L, S]`` mask sparse enough to pay (each query row sees at most a quarter of
     the keys, apart from a few dense rows) the attention runs through the neighbour table of the mask
-    (:mod:`tore_kernels.ops.adjacency_attention`), built once per mask tensor. On CPU, unmasked fp32 attention
-    to at most ``OPEN_TABLE_MAX_KEYS`` keys (the decoder's cross-attention to the joint tokens) runs through the
-    same kernel. An all-False bool key_padding_mask counts as none. On CPU without autograd, the projections
-    run on oneDNN-packed weights (:func:`tore_kernels.ops.linear.linear`).
+    (:mod:`tore_kernels.ops.adjacency_attention`), built once per mask tensor. On CPU, unmasked attention to at
+    most ``OPEN_TABLE_MAX_KEYS`` keys (the decoder's cross-attention to the joint tokens; fp32, or bf16 with
+    AVX-512) runs through the same kernel. An all-False bool key_padding_mask counts as none. On CPU without
+    autograd, the projections run on oneDNN-packed weights (:func:`tore_kernels.ops.linear.linear`).
     Everything else takes ``nn.MultiheadAttention``'s own path: key_padding_mask, is_causal, 3-D masks, float
     masks with finite biases, dropout while training, kdim/vdim != embed_dim, bias_k/add_zero_attn, unbatched
     input, and ``need_weights=True`` while gradients are being recorded.

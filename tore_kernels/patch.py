@@ -33,8 +33,9 @@ What is swapped:
   the MLP's ReLU fused.
 
 ``patch(model, dtype=torch.bfloat16)`` (opt-in) also runs the forward under bf16 autocast: linears, convs and
-attention in bf16 with cached bf16 (packed) weight copies; LayerNorm, the residual stream, the fused ITP, the output heads
-(``_FP32_HEADS``) and the mesh upsampling in fp32; outputs fp32; parameters and ``state_dict`` untouched.
+attention in bf16 with cached bf16 (packed) weight copies; LayerNorm, the residual stream, the fused ITP, the
+output heads (``_FP32_HEADS``) and the mesh upsampling in fp32; outputs fp32; parameters and ``state_dict``
+untouched.
 
 ``patch`` validates everything and builds every replacement before touching the model (all-or-nothing), is
 idempotent, and stores a :class:`PatchReport` on the model (``patch_report(model)``; ``verbose=True`` also logs

@@ -195,11 +195,16 @@ def test_opcheck():
     torch.library.opcheck(ops.adjacency_attention_forward, (q, k, v, t.index, t.count, t.shared, 0.3, 2))
     out, lse = ops.adjacency_attention_forward(q, k, v, t.index, t.count, t.shared, 0.3, 0)
     grad = torch.randn_like(out)
-    torch.library.opcheck(ops.adjacency_attention_backward,
-                          (grad, q.detach(), k.detach(), v.detach(), out.detach(), lse, t.index, t.count, t.shared,
-                           0.3))
-    torch.library.opcheck(ops.adjacency_attention_probs, (q.detach(), k.detach(), lse, t.index, t.count, t.shared,
-                                                          0.3))
+    # not differentiable: every check but the one that differentiates them, which must raise instead
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    backward_args = (grad, q.detach(), k.detach(), v.detach(), out.detach(), lse, t.index, t.count, t.shared, 0.3)
+    probs_args = (q.detach(), k.detach(), lse, t.index, t.count, t.shared, 0.3)
+    torch.library.opcheck(ops.adjacency_attention_backward, backward_args, test_utils=checks)
+    torch.library.opcheck(ops.adjacency_attention_probs, probs_args, test_utils=checks)
+    with pytest.raises(RuntimeError, match="adjacency_attention_backward is not differentiable"):
+        ops.adjacency_attention_backward(grad.requires_grad_(), *backward_args[1:])[0].sum().backward()
+    with pytest.raises(RuntimeError, match="adjacency_attention_probs is not differentiable"):
+        ops.adjacency_attention_probs(q, k, *probs_args[2:]).sum().backward()
 
 
 def reference_weights(q, k, blocked, scale):

@@ -226,6 +226,16 @@ if backend.HAS_EXTENSION and hasattr(torch.ops.tore_kernels, "adjacency_attentio
     torch.library.register_autograd("tore_kernels::adjacency_attention_forward", _backward,
                                     setup_context=_setup_context)
 
+    def _not_differentiable(name):
+        def backward(ctx, *grads):
+            raise RuntimeError(f"tore_kernels::{name} is not differentiable (the attention's weights with autograd "
+                               f"run on the dense path; double backward through the attention is not supported)")
+        torch.library.register_autograd(f"tore_kernels::{name}", backward,
+                                        setup_context=lambda ctx, inputs, output: None)
+
+    for _name in ("adjacency_attention_backward", "adjacency_attention_probs", "adjacency_attention_forward_weights"):
+        _not_differentiable(_name)
+
 
 # ------------------------------------------------------------------------------------------ public API
 

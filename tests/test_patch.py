@@ -2,6 +2,7 @@
 with ITP + GTR, with GTR only, the original FastMETRO ([J+V, J+V] mask) and TORE-METRO (NSR after a BERT encoder). Small sizes, the generated default
 431-vertex body mesh, random weights with non-trivial LayerNorm affines."""
 import copy
+import importlib
 import io
 import pickle
 
@@ -14,6 +15,8 @@ from tore_kernels.nn.mesh import MeshSampler
 from tore_kernels.patch import PatchReport, patch, patch_report, unpatch
 from tore_kernels.topology import default_body_mesh
 from tore_reference import FastMETROHead, Mesh, ToreFastMETROHead, ToreMETROHead
+
+linear_module = importlib.import_module("tore_kernels.ops.linear")
 
 # fp32: the patched model computes the same sums in other orders (SDPA / neighbour-list softmax instead of
 # bmm + softmax, a precomposed upsampling chain, the fused ITP), through ~9 residual blocks of dot products of
@@ -87,7 +90,11 @@ def test_patch_matches_eager_and_unpatch_restores_exactly(kind, topo, features):
         assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
         got = outputs(model, features)
         assert_close_all(got, ref, **TOL)
+        params = {id(p) for p in model.parameters()}
+        if torch.backends.mkldnn.is_available():
+            assert any(key[0] in params for key in linear_module._DERIVED), "no linear ran on packed weights"
         unpatch(model)
+        assert not any(key[0] in params for key in linear_module._DERIVED)  # the packed copies are released
         back = outputs(model, features)
     assert type(model) is cls and model.mesh_sampler is sampler
     assert all(model.get_submodule(name) is m for name, m in before_modules.items() if name)

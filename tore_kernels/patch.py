@@ -56,7 +56,7 @@ from .nn.attention import AdjacencyMultiheadAttention, few_keys_table
 from .nn.mesh import MeshSampler
 from .ops.adjacency_attention import LAYOUT_LBHD, attention_with_lse
 from .ops.itp import image_token_prune
-from .ops.linear import derived_weight, linear
+from .ops.linear import derived_weight, drop_derived, linear
 
 __all__ = ["PatchReport", "patch", "unpatch", "patch_report"]
 
@@ -559,6 +559,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     if state is not None:
         for parent, attr, original in reversed(state.originals):
             setattr(parent, attr, original)
+        drop_derived(inner.parameters())  # the packed / bf16 weight copies
     return model
 
 

@@ -5,8 +5,9 @@ On CPU, ``F.linear`` hands the plain ``[out, in]`` weight to the GEMM, which rep
 on every call; for the head's GEMMs (K = 128..2048, N = 128..2048) that costs 5-30 % of their time. oneDNN's
 linear takes a weight reordered once (``torch.ops.mkldnn._reorder_linear_weight``) and fuses the bias and a
 ReLU. The packed copy is derived data: it lives outside the module (no state_dict change), is rebuilt when the
-parameter changes (its version counter or storage), and dies with the parameter. It is used only where autograd
-does not need the linear (no grad mode, or no input requiring grad): training runs ``F.linear`` unchanged.
+parameter changes (its version counter or storage), and dies with the parameter or with ``unpatch`` (it doubles
+the memory of the linears' weights meanwhile). It is used only where autograd does not need the linear (no grad
+mode, or no input requiring grad): training runs ``F.linear`` unchanged.
 """
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ def derived_weight(weight: torch.Tensor, tag: str, make) -> torch.Tensor:
         with torch.inference_mode(False), torch.no_grad():
             hit = _DERIVED[(i, tag)] = (ref, key, make(weight.detach()))
     return hit[2]
+
+
+def drop_derived(tensors) -> None:
+    """Forget the cached derived copies of ``tensors`` (e.g. a model's parameters after ``unpatch``)."""
+    live = {id(t): t for t in tensors}
+    for key, hit in list(_DERIVED.items()):
+        if key[0] in live and hit[0]() is live[key[0]]:
+            _DERIVED.pop(key, None)
 
 
 def _bf16_autocast(x: torch.Tensor) -> bool:

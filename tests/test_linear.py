@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 lin = importlib.import_module("tore_kernels.ops.linear")
-packs = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+packs = pytest.mark.skipif(not lin._ONEDNN, reason="torch without oneDNN or its packed-linear ops")
 
 
 def _packed_entries(weight):

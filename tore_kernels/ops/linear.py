@@ -16,6 +16,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+# private ops (inductor's CPU linear fusion uses them): without them every call is F.linear
+_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 _DERIVED: dict[tuple[int, str], tuple] = {}  # (id(parameter), tag) -> (weakref, (version, data_ptr), tensor)
 
 
@@ -48,7 +51,7 @@ def _packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
             and x.shape[-1] == weight.shape[1] and weight.dtype in (torch.float32, torch.bfloat16)
             and x.dtype in (torch.float32, torch.bfloat16)
             and (x.dtype == weight.dtype or _bf16_autocast(x)) and (bias is None or bias.dtype == weight.dtype)
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and not x.is_mkldnn
+            and _ONEDNN and torch.backends.mkldnn.enabled and not x.is_mkldnn
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad))))
 

@@ -248,6 +248,45 @@ def test_forward_weights_op(graph, H, d, dtype, unit):
 
 
 @needs_ext
+@pytest.mark.parametrize("H,d,N", [(8, 16, 128), (4, 32, 64), (2, 16, 48), (3, 16, 64)])  # N 48, H 3: two-step path
+@pytest.mark.parametrize("seq_first", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_projected_op(H, d, N, seq_first, bias):
+    """The attention out-projected in one op (inference): F.linear of the reference attention's output."""
+    blocked = GRAPHS["hub_leaf_split"]()
+    L = blocked.shape[0]
+    t = aa.neighbour_table(blocked, dense_row_degree=L)  # no dense rows
+    q, k, v = qkv_views(3, H, L, d, torch.float32, seed=H + d, seq_first=seq_first)
+    g = torch.Generator().manual_seed(N)
+    w, b = torch.randn(N, H * d, generator=g) / d, (torch.randn(N, generator=g) if bias else None)
+    y = torch.ops.tore_kernels.adjacency_attention_forward_projected(q, k, v, t.index, t.count, t.shared, d ** -0.5,
+                                                                     w.t().contiguous(), b)
+    want = F.linear(reference(q, k, v, blocked).transpose(1, 2).flatten(2), w, b)  # [B, L, N]
+    assert y.shape == want.shape
+    assert y.transpose(0, 1).is_contiguous() if seq_first else y.is_contiguous()  # in q's token order
+    torch.testing.assert_close(y, want, atol=2e-5, rtol=2e-5)
+
+
+@needs_ext
+def test_forward_projected_op_checks():
+    blocked = GRAPHS["dense_rows"]()
+    t = aa.neighbour_table(blocked)
+    q, k, v = qkv_views(2, 2, blocked.shape[0], 16, torch.float32)
+    wt = torch.randn(32, 64)
+    ops = torch.ops.tore_kernels
+    with pytest.raises(RuntimeError, match="dense row"):
+        ops.adjacency_attention_forward_projected(q, k, v, t.index, t.count, t.shared, 0.25, wt, None)
+    t = aa.neighbour_table(blocked, dense_row_degree=blocked.shape[0])
+    with pytest.raises(RuntimeError, match="wt must be"):
+        ops.adjacency_attention_forward_projected(q, k, v, t.index, t.count, t.shared, 0.25, wt[:16], None)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ops.adjacency_attention_forward_projected(q, k, v, t.index, t.count, t.shared, 0.25, wt, torch.zeros(3))
+    args = (q, k, v, t.index, t.count, t.shared, 0.25, wt, torch.zeros(64))
+    torch.library.opcheck(ops.adjacency_attention_forward_projected, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@needs_ext
 def test_averaged_weights_with_dense_rows(monkeypatch):
     monkeypatch.setenv("TORE_KERNELS_BACKEND", "cpu")
     blocked = GRAPHS["prefix445"]()
@@ -574,7 +613,8 @@ def test_cpu_kernel_every_isa_clone(capability):
                            env=env, capture_output=True, text=True, check=True)
     if probe.stdout.strip() != capability.upper():
         pytest.skip(f"this CPU has no {capability}")
-    tests = "test_forward_weights_op or test_strides_head_dims_layouts or test_module_random_graph or nan_input"
+    tests = ("test_forward_weights_op or test_strides_head_dims_layouts or test_module_random_graph or nan_input "
+             "or forward_projected")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
                          env=env, capture_output=True, text=True)
     assert run.returncode == 0 and " passed" in run.stdout and "failed" not in run.stdout, \

@@ -54,7 +54,7 @@ from torch import nn
 
 from .nn.attention import AdjacencyMultiheadAttention, few_keys_table
 from .nn.mesh import MeshSampler
-from .ops.adjacency_attention import LAYOUT_LBHD, attention_with_lse
+from .ops.adjacency_attention import LAYOUT_LBHD, attention_out_projected, attention_with_lse
 from .ops.itp import image_token_prune
 from .ops.linear import derived_weight, drop_derived, linear
 
@@ -283,7 +283,7 @@ def _linear(x, weight, bias, rows=None):
 def _attend(mha, query, key, value, attn_mask=None):
     """``mha(query, key, value, attn_mask=attn_mask)[0]`` in eval mode. Masked calls go to the module (the
     neighbour-list kernel). Dense ones run SDPA (on CPU with at most ``OPEN_TABLE_MAX_KEYS`` keys: the kernel with
-    every key shared) on views of the in-projection (packed when inputs coincide; once for a batch-broadcast
+    every key shared, out-projected in the same op) on views of the in-projection (packed when inputs coincide; once for a batch-broadcast
     query) and out-project the ``[L, B, H, d]`` result as it is: no mask merging, no head-averaged weights, no
     copies. Returns ``[L, B, E]``."""
     if attn_mask is not None or mha.training or not mha._qkv_same_embed_dim or mha.bias_k is not None \
@@ -302,12 +302,15 @@ def _attend(mha, query, key, value, attn_mask=None):
             v = _linear(value, w, b, rows=(2 * E, 3 * E)).unflatten(-1, (H, -1))
     if q.shape[1] != k.shape[1]:  # a broadcast query over per-sample keys
         q = q.expand(-1, k.shape[1], -1, -1)
-    table = few_keys_table(q.shape[0], k.shape[0], q.dtype, q.device)
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [B, H, L|S, d] views
+    table = few_keys_table(q.shape[2], k.shape[2], q.dtype, q.device)
     if table is None:
-        out = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)))  # [B, H, L, d]
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, d]
     else:  # the NSR's cross-attention to the 14 joint tokens: the kernel, every key shared, written [L, B, H, d]
-        out = attention_with_lse(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), table, q.shape[-1] ** -0.5,
-                                 LAYOUT_LBHD)[0]
+        y = attention_out_projected(q, k, v, table, q.shape[-1] ** -0.5, mha.out_proj.weight, mha.out_proj.bias)
+        if y is not None:
+            return y.transpose(0, 1)
+        out = attention_with_lse(q, k, v, table, q.shape[-1] ** -0.5, LAYOUT_LBHD)[0]
     # both write in q's memory order, the projection's [L, B, H, d]: a free view (a copy for a broadcast q)
     return linear(out.permute(2, 0, 1, 3).flatten(2), mha.out_proj.weight, mha.out_proj.bias)
 

@@ -497,12 +497,12 @@ constexpr int64_t kMaxGroups = 8;  // up to 8 * 16 (neighbour, head) pairs per r
 template <typename T, int64_t D, int H>
 TORE_AVX512_FN static inline __attribute__((always_inline)) void fused_row_avx512(const Fused<T>& a, int64_t r,
                                                                                   int64_t* keys, float* prob,
-                                                                                  float* qs) {
+                                                                                  float* qs, T* dst = nullptr) {
   constexpr int G = 16 / H;  // neighbours per vector
   const int64_t d = D > 0 ? D : a.d, HD = H * d, V = d / 16;  // V vectors per head
   int64_t b, i;
   a.split(r, b, i);
-  T* o = a.o + b * a.ob + i * a.oi;
+  T* o = dst ? dst : a.o + b * a.ob + i * a.oi;  // dst: the caller's row buffer
   T* wr = a.w ? a.w + (b * a.L + i) * a.S : nullptr;
   if (wr) std::fill(wr, wr + a.S, T(0));
   const int64_t deg = a.tab.degree(i);
@@ -589,6 +589,72 @@ TORE_AVX512_FN static void fused_rows_avx512(const Fused<T>& a, int64_t begin, i
   }
 }
 
+// Inference with the output projection fused: rows are attended kRows at a time into a buffer that stays in L1,
+// and out-projected from there (y = o @ wt + bias, wt [HD, N] with N % 64 == 0) by a 4-row x 64-column
+// register tile, so the attention output never goes to memory and the GEMM's arithmetic overlaps the kernel's
+// gathers.
+constexpr int64_t kRows = 16;
+
+TORE_AVX512_FN static void project_rows(const float* o, int64_t rows, int64_t K, const float* wt, const float* bias,
+                                        int64_t N, float* const* dst) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+    const int64_t nr = std::min<int64_t>(4, rows - r0);
+    for (int64_t n0 = 0; n0 < N; n0 += 64) {
+      __m512 acc[4][4];
+      for (int j = 0; j < 4; ++j) {
+        const __m512 b0 = bias ? _mm512_loadu_ps(bias + n0 + 16 * j) : _mm512_setzero_ps();
+        for (int r = 0; r < 4; ++r) acc[r][j] = b0;
+      }
+      const float* orow[4];
+      for (int r = 0; r < 4; ++r) orow[r] = o + (r0 + std::min<int64_t>(r, nr - 1)) * K;
+      for (int64_t k = 0; k < K; ++k) {
+        const float* w = wt + k * N + n0;
+        const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16), w2 = _mm512_loadu_ps(w + 32),
+                     w3 = _mm512_loadu_ps(w + 48);
+        for (int r = 0; r < 4; ++r) {
+          const __m512 x = _mm512_set1_ps(orow[r][k]);
+          acc[r][0] = _mm512_fmadd_ps(x, w0, acc[r][0]);
+          acc[r][1] = _mm512_fmadd_ps(x, w1, acc[r][1]);
+          acc[r][2] = _mm512_fmadd_ps(x, w2, acc[r][2]);
+          acc[r][3] = _mm512_fmadd_ps(x, w3, acc[r][3]);
+        }
+      }
+      for (int r = 0; r < nr; ++r)
+        for (int j = 0; j < 4; ++j) _mm512_storeu_ps(dst[r0 + r] + n0 + 16 * j, acc[r][j]);
+    }
+  }
+}
+
+template <int64_t D, int H>
+TORE_AVX512_FN static void fused_projected_rows_d(const Fused<float>& a, int64_t begin, int64_t end, int64_t* keys,
+                                                  float* prob, float* qs, float* obuf, const float* wt,
+                                                  const float* bias, int64_t N, float* y, int64_t yb, int64_t yi) {
+  float* dst[kRows];
+  for (int64_t r0 = begin; r0 < end; r0 += kRows) {
+    const int64_t n = std::min<int64_t>(kRows, end - r0);
+    for (int64_t t = 0; t < n; ++t) {
+      int64_t b, i;
+      a.split(r0 + t, b, i);
+      dst[t] = y + b * yb + i * yi;
+      fused_row_avx512<float, D, H>(a, r0 + t, keys, prob, qs, obuf + t * a.H * a.d);
+    }
+    project_rows(obuf, n, a.H * a.d, wt, bias, N, dst);
+  }
+}
+
+TORE_AVX512_FN static void fused_projected_rows(const Fused<float>& a, int64_t begin, int64_t end, int64_t* keys,
+                                                float* prob, float* qs, float* obuf, const float* wt,
+                                                const float* bias, int64_t N, float* y, int64_t yb, int64_t yi) {
+  switch (a.H) {
+    case 1: return fused_projected_rows_d<0, 1>(a, begin, end, keys, prob, qs, obuf, wt, bias, N, y, yb, yi);
+    case 2: return fused_projected_rows_d<0, 2>(a, begin, end, keys, prob, qs, obuf, wt, bias, N, y, yb, yi);
+    case 4: return fused_projected_rows_d<0, 4>(a, begin, end, keys, prob, qs, obuf, wt, bias, N, y, yb, yi);
+    case 8: return a.d == 16 ? fused_projected_rows_d<16, 8>(a, begin, end, keys, prob, qs, obuf, wt, bias, N, y, yb, yi)
+                             : fused_projected_rows_d<0, 8>(a, begin, end, keys, prob, qs, obuf, wt, bias, N, y, yb, yi);
+    default: return fused_projected_rows_d<0, 16>(a, begin, end, keys, prob, qs, obuf, wt, bias, N, y, yb, yi);
+  }
+}
+
 bool heads_fused(const at::Tensor& t) {
   return t.size(3) <= 1 || (t.stride(3) == 1 && (t.size(1) <= 1 || t.stride(1) == t.size(3)));
 }
@@ -629,9 +695,34 @@ bool try_fused_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   });
   return true;
 }
+// y [B, L, N] stored in q's token order (y[b, i] at b * yb + i * yi) when the AVX-512 kernel and the fused
+// projection apply (fp32, N % 64 == 0; the caller has checked there are no dense rows); false otherwise.
+bool try_fused_projected(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Table& tab,
+                         const int32_t* count, double scale, const at::Tensor& wt, const at::Tensor& bias,
+                         at::Tensor& y) {
+  const int64_t max_deg = std::max<int64_t>(tab.num_shared + tab.width, 1), H = q.size(1), d = q.size(3);
+  const int64_t L = q.size(2), N = wt.size(1);
+  if (cpu_isa() != Isa::avx512 || q.scalar_type() != at::kFloat || d % 16 != 0 || 16 % H != 0 ||
+      (max_deg * H + 15) / 16 > kMaxGroups || N % 64 != 0 || !heads_fused(q) || !heads_fused(k) || !heads_fused(v))
+    return false;
+  at::Tensor lse = at::empty({q.size(0), H, L}, q.options());
+  Fused<float> a = fused_args<float>(q, k, v, tab, scale, y /* unused: rows go to dst */, lse, nullptr);
+  const int64_t yb = y.stride(0), yi = y.stride(1);
+  at::parallel_for(0, q.size(0) * L, kRows, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> keys(max_deg + 16);
+    std::vector<float> prob((max_deg * H + 15) / 16 * 16), qs(H * d), obuf(kRows * H * d);
+    fused_projected_rows(a, begin, end, keys.data(), prob.data(), qs.data(), obuf.data(), wt.const_data_ptr<float>(),
+                         bias.defined() ? bias.const_data_ptr<float>() : nullptr, N, y.data_ptr<float>(), yb, yi);
+  });
+  return true;
+}
 #else
 bool try_fused_f32(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Table&, double, at::Tensor&,
                    at::Tensor&, at::Tensor*) {
+  return false;
+}
+bool try_fused_projected(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Table&, const int32_t*, double,
+                         const at::Tensor&, const at::Tensor&, at::Tensor&) {
   return false;
 }
 #endif
@@ -697,6 +788,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adjacency_attention_forward_weigh
   return forward_impl(q, k, v, index, count, shared, scale, layout, true);
 }
 
+// Inference (not differentiable): the attention out-projected, y = out @ wt + bias as [B, L, N] in q's token order
+// (seq-first q: y is [L, B, N] in memory). wt is the output projection's weight transposed, [H * d, N].
+at::Tensor adjacency_attention_forward_projected_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const at::Tensor& index, const at::Tensor& count,
+                                                     const at::Tensor& shared, double scale, const at::Tensor& wt,
+                                                     const std::optional<at::Tensor>& bias) {
+  check_qkv(q, k, v);
+  check_table(index, count, shared, q.size(2), k.size(2));
+  const int64_t B = q.size(0), L = q.size(2), HD = q.size(1) * q.size(3);
+  TORCH_CHECK(wt.dim() == 2 && wt.size(0) == HD && wt.is_contiguous() && wt.scalar_type() == q.scalar_type(),
+              "adjacency_attention_forward_projected: wt must be a contiguous [H * d = ", HD, ", N] tensor of q's dtype");
+  const int64_t N = wt.size(1);
+  at::Tensor b = bias.has_value() ? *bias : at::Tensor();
+  TORCH_CHECK(!b.defined() || (b.dim() == 1 && b.size(0) == N && b.is_contiguous() && b.scalar_type() == q.scalar_type()),
+              "adjacency_attention_forward_projected: bias must be a contiguous [N = ", N, "] tensor of q's dtype");
+  const int32_t* cnt = count.data_ptr<int32_t>();
+  for (int64_t i = 0; i < q.size(2); ++i)
+    TORCH_CHECK(cnt[i] >= 0, "adjacency_attention_forward_projected: query row ", i,
+                " is a dense row (count < 0); tables with dense rows take adjacency_attention_forward");
+  const bool seq_first = q.stride(0) < q.stride(2);
+  at::Tensor y = seq_first ? at::empty({L, B, N}, q.options()).permute({1, 0, 2}) : at::empty({B, L, N}, q.options());
+  if (try_fused_projected(q, k, v, make_table(index, count, shared), count.data_ptr<int32_t>(), scale, wt, b, y))
+    return y;
+  auto [out, lse, weights] = forward_impl(q, k, v, index, count, shared, scale, 0, false);
+  at::Tensor flat = out.permute({0, 2, 1, 3}).reshape({B, L, HD});
+  y.copy_(b.defined() ? at::addmm(b, flat.reshape({B * L, HD}), wt).view({B, L, N}) : at::matmul(flat, wt));
+  return y;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adjacency_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& index, const at::Tensor& count, const at::Tensor& shared, double scale) {
@@ -742,6 +862,8 @@ TORCH_LIBRARY_FRAGMENT(tore_kernels, m) {
         "float scale, int layout) -> (Tensor, Tensor)");
   m.def("adjacency_attention_forward_weights(Tensor q, Tensor k, Tensor v, Tensor index, Tensor count, "
         "Tensor shared, float scale, int layout) -> (Tensor, Tensor, Tensor)");
+  m.def("adjacency_attention_forward_projected(Tensor q, Tensor k, Tensor v, Tensor index, Tensor count, "
+        "Tensor shared, float scale, Tensor wt, Tensor? bias) -> Tensor");
   m.def("adjacency_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor index, Tensor count, Tensor shared, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("adjacency_attention_probs(Tensor q, Tensor k, Tensor lse, Tensor index, Tensor count, Tensor shared, "
@@ -751,6 +873,7 @@ TORCH_LIBRARY_FRAGMENT(tore_kernels, m) {
 TORCH_LIBRARY_IMPL(tore_kernels, CPU, m) {
   m.impl("adjacency_attention_forward", &adjacency_attention_forward_cpu);
   m.impl("adjacency_attention_forward_weights", &adjacency_attention_forward_weights_cpu);
+  m.impl("adjacency_attention_forward_projected", &adjacency_attention_forward_projected_cpu);
   m.impl("adjacency_attention_backward", &adjacency_attention_backward_cpu);
   m.impl("adjacency_attention_probs", &adjacency_attention_probs_cpu);
 }

@@ -10,7 +10,7 @@ from torch import nn
 from .. import backend
 from ..ops.linear import linear
 # names, not the submodule: tore_kernels.ops.adjacency_attention is also the exported function's name
-from ..ops.adjacency_attention import (LAYOUT_BLHD, LAYOUT_LBHD, OP, attention_weights,
+from ..ops.adjacency_attention import (LAYOUT_BLHD, LAYOUT_LBHD, OP, attention_out_projected, attention_weights,
                                        attention_with_averaged_weights, attention_with_lse, open_table,
                                        table_or_none)
 
@@ -130,6 +130,10 @@ class AdjacencyMultiheadAttention(nn.MultiheadAttention):
         q, k, v = self._project(query, key, value)
         B, H, L, d = q.shape
         scale = 1.0 / math.sqrt(d)
+        if not need_weights:
+            y = attention_out_projected(q, k, v, table, scale, self.out_proj.weight, self.out_proj.bias)
+            if y is not None:  # [B, L, E]
+                return (y if self.batch_first else y.transpose(0, 1)), None
         layout = LAYOUT_BLHD if self.batch_first else LAYOUT_LBHD
         weights = None
         if need_weights and average_attn_weights:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .. import backend
 from ..gpu_report import KernelConfig
+from .linear import derived_weight
 
 OP = "adjacency_attention"
 backend.register(OP, reference=None, cpu="extension", triton="triton")
@@ -200,6 +201,14 @@ if backend.HAS_EXTENSION and hasattr(torch.ops.tore_kernels, "adjacency_attentio
         out, lse = _forward_fake(q, k, v, index, count, shared, scale, layout)
         return out, lse, q.new_empty((q.shape[0], q.shape[2], k.shape[2]))
 
+    @torch.library.register_fake("tore_kernels::adjacency_attention_forward_projected")
+    def _forward_projected_fake(q, k, v, index, count, shared, scale, wt, bias):
+        B, _, L, _ = q.shape
+        N = wt.shape[1]
+        if q.stride(0) < q.stride(2):  # seq-first q: y is [L, B, N] in memory
+            return q.new_empty((L, B, N)).permute(1, 0, 2)
+        return q.new_empty((B, L, N))
+
     @torch.library.register_fake("tore_kernels::adjacency_attention_backward")
     def _backward_fake(grad_out, q, k, v, out, lse, index, count, shared, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format), \
@@ -233,7 +242,8 @@ if backend.HAS_EXTENSION and hasattr(torch.ops.tore_kernels, "adjacency_attentio
         torch.library.register_autograd(f"tore_kernels::{name}", backward,
                                         setup_context=lambda ctx, inputs, output: None)
 
-    for _name in ("adjacency_attention_backward", "adjacency_attention_probs", "adjacency_attention_forward_weights"):
+    for _name in ("adjacency_attention_backward", "adjacency_attention_probs", "adjacency_attention_forward_weights",
+                  "adjacency_attention_forward_projected"):
         _not_differentiable(_name)
 
 
@@ -284,6 +294,22 @@ def attention_with_lse(q, k, v, table: NeighbourTable, scale: float, layout: int
         dense_out = _dense_attention(q[:, :, table.dense_rows], k, v, table.dense_mask, scale)
         out = out.index_copy(2, table.dense_rows, dense_out)
     return out, lse
+
+
+def attention_out_projected(q, k, v, table: NeighbourTable, scale: float, weight: torch.Tensor,
+                            bias: torch.Tensor | None) -> torch.Tensor | None:
+    """Inference on CPU: ``F.linear(out, weight, bias)`` of the attention output as ``[B, L, N]`` (in q's token
+    order), computed by the C++ op that out-projects each block of rows while it is in cache; None where that op
+    does not apply (another backend or dtype, autograd, dense rows): the caller runs the two steps."""
+    tensors = (q, k, v, weight) if bias is None else (q, k, v, weight, bias)
+    if (q.device.type != "cpu" or q.dtype != torch.float32 or weight.dtype != q.dtype or table.dense_rows.numel()
+            or backend.choose(OP, q.device) != "cpu" or not hasattr(torch.ops.tore_kernels,
+                                                                    "adjacency_attention_forward_projected")
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+        return None
+    wt = derived_weight(weight, "transposed", lambda w: w.t().contiguous())
+    return torch.ops.tore_kernels.adjacency_attention_forward_projected(q, k, v, table.index, table.count,
+                                                                       table.shared, scale, wt, bias)
 
 
 def adjacency_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: NeighbourTable, *,

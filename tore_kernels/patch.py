@@ -282,10 +282,10 @@ def _linear(x, weight, bias, rows=None):
 
 def _attend(mha, query, key, value, attn_mask=None):
     """``mha(query, key, value, attn_mask=attn_mask)[0]`` in eval mode. Masked calls go to the module (the
-    neighbour-list kernel). Dense ones run SDPA (on CPU with at most ``OPEN_TABLE_MAX_KEYS`` keys: the kernel with
-    every key shared, out-projected in the same op) on views of the in-projection (packed when inputs coincide; once for a batch-broadcast
-    query) and out-project the ``[L, B, H, d]`` result as it is: no mask merging, no head-averaged weights, no
-    copies. Returns ``[L, B, E]``."""
+    neighbour-list kernel). Dense ones run SDPA on views of the in-projection (packed when inputs coincide; once for
+    a batch-broadcast query) and out-project the ``[L, B, H, d]`` result as it is: no mask merging, no head-averaged
+    weights, no copies. On CPU, at most ``OPEN_TABLE_MAX_KEYS`` keys run the kernel with every key shared instead,
+    out-projected in the same op. Returns ``[L, B, E]``."""
     if attn_mask is not None or mha.training or not mha._qkv_same_embed_dim or mha.bias_k is not None \
             or mha.add_zero_attn or mha.batch_first or mha.in_proj_bias is None:
         return mha(query, key, value=value, attn_mask=attn_mask)[0]

@@ -645,14 +645,15 @@ TORE_AVX512_FN static void fused_projected_rows_d(const Fused<float>& a, int64_t
 TORE_AVX512_FN static void fused_projected_rows(const Fused<float>& a, int64_t begin, int64_t end, int64_t* keys,
                                                 float* prob, float* qs, float* obuf, const float* wt,
                                                 const float* bias, int64_t N, float* y, int64_t yb, int64_t yi) {
+#define TORE_PROJECTED(D, H) fused_projected_rows_d<D, H>(a, begin, end, keys, prob, qs, obuf, wt, bias, N, y, yb, yi)
   switch (a.H) {
-    case 1: return fused_projected_rows_d<0, 1>(a, begin, end, keys, prob, qs, obuf, wt, bias, N, y, yb, yi);
-    case 2: return fused_projected_rows_d<0, 2>(a, begin, end, keys, prob, qs, obuf, wt, bias, N, y, yb, yi);
-    case 4: return fused_projected_rows_d<0, 4>(a, begin, end, keys, prob, qs, obuf, wt, bias, N, y, yb, yi);
-    case 8: return a.d == 16 ? fused_projected_rows_d<16, 8>(a, begin, end, keys, prob, qs, obuf, wt, bias, N, y, yb, yi)
-                             : fused_projected_rows_d<0, 8>(a, begin, end, keys, prob, qs, obuf, wt, bias, N, y, yb, yi);
-    default: return fused_projected_rows_d<0, 16>(a, begin, end, keys, prob, qs, obuf, wt, bias, N, y, yb, yi);
+    case 1: return TORE_PROJECTED(0, 1);
+    case 2: return TORE_PROJECTED(0, 2);
+    case 4: return TORE_PROJECTED(0, 4);
+    case 8: return a.d == 16 ? TORE_PROJECTED(16, 8) : TORE_PROJECTED(0, 8);
+    default: return TORE_PROJECTED(0, 16);
   }
+#undef TORE_PROJECTED
 }
 
 bool heads_fused(const at::Tensor& t) {
@@ -798,10 +799,12 @@ at::Tensor adjacency_attention_forward_projected_cpu(const at::Tensor& q, const 
   check_table(index, count, shared, q.size(2), k.size(2));
   const int64_t B = q.size(0), L = q.size(2), HD = q.size(1) * q.size(3);
   TORCH_CHECK(wt.dim() == 2 && wt.size(0) == HD && wt.is_contiguous() && wt.scalar_type() == q.scalar_type(),
-              "adjacency_attention_forward_projected: wt must be a contiguous [H * d = ", HD, ", N] tensor of q's dtype");
+              "adjacency_attention_forward_projected: wt must be a contiguous [H * d = ", HD,
+              ", N] tensor of q's dtype");
   const int64_t N = wt.size(1);
   at::Tensor b = bias.has_value() ? *bias : at::Tensor();
-  TORCH_CHECK(!b.defined() || (b.dim() == 1 && b.size(0) == N && b.is_contiguous() && b.scalar_type() == q.scalar_type()),
+  TORCH_CHECK(!b.defined() ||
+                  (b.dim() == 1 && b.size(0) == N && b.is_contiguous() && b.scalar_type() == q.scalar_type()),
               "adjacency_attention_forward_projected: bias must be a contiguous [N = ", N, "] tensor of q's dtype");
   const int32_t* cnt = count.data_ptr<int32_t>();
   for (int64_t i = 0; i < q.size(2); ++i)

@@ -318,16 +318,22 @@ TORE_AVX2_FN static inline __m256 sum8x8(const __m256* u) {
 }
 
 // exp(x) for x <= 0 (scores minus their row max): 2^n * e^r with |r| <= ln2/2 and a degree-6 Taylor
-// polynomial (relative error < 2e-7); NaN stays NaN (max_ps returns its second operand for a NaN).
+// polynomial (relative error < 2e-7); NaN stays NaN (max_ps returns its second operand for a NaN). The constants
+// serve the 8- and 16-lane versions.
+struct ExpConst {
+  static constexpr float lo = -87.0f, log2e = 1.4426950408889634f;
+  static constexpr float ln2_hi = 0.693145751953125f, ln2_lo = 1.428606765330187e-06f;  // ln 2 = hi + lo
+  static constexpr float taylor[7] = {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f};
+};
+
 TORE_AVX2_FN static inline __m256 exp_nonpositive8(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f)),
+  x = _mm256_max_ps(_mm256_set1_ps(ExpConst::lo), x);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(ExpConst::log2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
-  for (float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(ExpConst::ln2_hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(ExpConst::ln2_lo), r);
+  __m256 p = _mm256_set1_ps(ExpConst::taylor[0]);
+  for (int t = 1; t < 7; ++t) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(ExpConst::taylor[t]));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
@@ -464,14 +470,13 @@ TORE_AVX512_FN static inline __m512 sum16x16(const __m512* u) {
 
 // exp_nonpositive8 on 16 lanes
 TORE_AVX512_FN static inline __m512 exp_nonpositive16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
+  x = _mm512_max_ps(_mm512_set1_ps(ExpConst::lo), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(ExpConst::log2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-  for (float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(ExpConst::ln2_hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(ExpConst::ln2_lo), r);
+  __m512 p = _mm512_set1_ps(ExpConst::taylor[0]);
+  for (int t = 1; t < 7; ++t) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(ExpConst::taylor[t]));
   const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }

@@ -42,7 +42,7 @@ def drop_derived(tensors) -> None:
             _DERIVED.pop(key, None)
 
 
-def _bf16_autocast(x: torch.Tensor) -> bool:
+def _bf16_autocast() -> bool:
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
@@ -50,7 +50,7 @@ def _packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     return (x.device.type == "cpu" and weight.device.type == "cpu" and weight.dim() == 2 and x.dim() >= 2
             and x.shape[-1] == weight.shape[1] and weight.dtype in (torch.float32, torch.bfloat16)
             and x.dtype in (torch.float32, torch.bfloat16)
-            and (x.dtype == weight.dtype or _bf16_autocast(x)) and (bias is None or bias.dtype == weight.dtype)
+            and (x.dtype == weight.dtype or _bf16_autocast()) and (bias is None or bias.dtype == weight.dtype)
             and _ONEDNN and torch.backends.mkldnn.enabled and not x.is_mkldnn
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad))))
@@ -65,7 +65,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Otherwise (training, other devices, no oneDNN) it is ``F.linear``."""
     lo, hi = (0, weight.shape[0]) if rows is None else rows
     if _packable(x, weight, bias):
-        dtype = torch.bfloat16 if _bf16_autocast(x) else weight.dtype
+        dtype = torch.bfloat16 if _bf16_autocast() else weight.dtype
         tag = f"onednn:{dtype}:{lo}:{hi}"
         packed = derived_weight(weight, tag, lambda w: torch.ops.mkldnn._reorder_linear_weight(
             w[lo:hi].to(dtype).contiguous()))

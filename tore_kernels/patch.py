@@ -54,7 +54,6 @@ from torch import nn
 
 from .nn.attention import AdjacencyMultiheadAttention, few_keys_table
 from .nn.mesh import MeshSampler
-from .ops.adjacency_attention import LAYOUT_LBHD, attention_out_projected, attention_with_lse
 from .ops.itp import image_token_prune
 from .ops.linear import derived_weight, drop_derived, linear
 
@@ -304,14 +303,10 @@ def _attend(mha, query, key, value, attn_mask=None):
         q = q.expand(-1, k.shape[1], -1, -1)
     q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [B, H, L|S, d] views
     table = few_keys_table(q.shape[2], k.shape[2], q.dtype, q.device)
-    if table is None:
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, d]
-    else:  # the NSR's cross-attention to the 14 joint tokens: the kernel, every key shared, written [L, B, H, d]
-        y = attention_out_projected(q, k, v, table, q.shape[-1] ** -0.5, mha.out_proj.weight, mha.out_proj.bias)
-        if y is not None:
-            return y.transpose(0, 1)
-        out = attention_with_lse(q, k, v, table, q.shape[-1] ** -0.5, LAYOUT_LBHD)[0]
-    # both write in q's memory order, the projection's [L, B, H, d]: a free view (a copy for a broadcast q)
+    if table is not None and isinstance(mha, AdjacencyMultiheadAttention):  # the NSR's cross-attention to 14 joints
+        return mha._attend_projected(q, k, v, table)[0]  # the kernel, every key shared
+    out = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, d]
+    # SDPA writes in q's memory order, the projection's [L, B, H, d]: a free view (a copy for a broadcast q)
     return linear(out.permute(2, 0, 1, 3).flatten(2), mha.out_proj.weight, mha.out_proj.bias)
 
 

@@ -42,6 +42,7 @@ struct Table {
     return j < num_shared ? shared[j] : index[i * width + (j - num_shared)];
   }
   int64_t degree(int64_t i) const { return count[i] < 0 ? -1 : num_shared + count[i]; }
+  int64_t max_degree() const { return std::max<int64_t>(num_shared + width, 1); }
 };
 
 void check_table(const at::Tensor& index, const at::Tensor& count, const at::Tensor& shared, int64_t L, int64_t S) {
@@ -113,7 +114,7 @@ struct Kernels {
     const scalar_t* vp = v.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     acc_t* lp = lse.data_ptr<acc_t>();
-    const int64_t max_deg = std::max<int64_t>(tab.num_shared + tab.width, 1);
+    const int64_t max_deg = tab.max_degree();
     at::parallel_for(0, B * L, 16, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> qrow(H * d), acc(H * d), score(H * max_deg), mx(H), sum(H);
       for (int64_t r = begin; r < end; ++r) {
@@ -675,17 +676,25 @@ Fused<T> fused_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                   q.stride(0) < q.stride(2)};
 }
 
+// The AVX-512 row kernel applies: the CPU, d a multiple of 16, H dividing 16, at most kMaxGroups vectors of
+// (neighbour, head) scores per row, each [H, d] block contiguous. prob_size: its per-row score buffer.
+bool avx512_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Table& tab) {
+  const int64_t H = q.size(1);
+  return cpu_isa() == Isa::avx512 && q.size(3) % 16 == 0 && 16 % H == 0 &&
+         (tab.max_degree() * H + 15) / 16 <= kMaxGroups && heads_fused(q) && heads_fused(k) && heads_fused(v);
+}
+int64_t prob_size(const Table& tab, int64_t H) { return (tab.max_degree() * H + 15) / 16 * 16; }
+
 // The fp32 kernels (AVX-512: also bf16 storage) when the CPU, the shapes and the strides allow; false otherwise.
 bool try_fused_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Table& tab, double scale,
                    at::Tensor& out, at::Tensor& lse, at::Tensor* weights) {
-  const Isa isa = cpu_isa();
-  const int64_t max_deg = std::max<int64_t>(tab.num_shared + tab.width, 1), H = q.size(1), d = q.size(3);
-  const bool avx512 = isa == Isa::avx512 && d % 16 == 0 && 16 % H == 0 && (max_deg * H + 15) / 16 <= kMaxGroups;
+  const int64_t max_deg = tab.max_degree(), H = q.size(1), d = q.size(3);
+  const bool avx512 = avx512_rows(q, k, v, tab);
   const bool bf16 = q.scalar_type() == at::kBFloat16;
-  if (!(q.scalar_type() == at::kFloat || (bf16 && avx512)) || d % 8 != 0 || isa == Isa::base || !heads_fused(q) ||
-      !heads_fused(k) || !heads_fused(v) || !heads_fused(out))
+  if (!(q.scalar_type() == at::kFloat || (bf16 && avx512)) || d % 8 != 0 || cpu_isa() == Isa::base ||
+      !heads_fused(q) || !heads_fused(k) || !heads_fused(v) || !heads_fused(out))
     return false;
-  const int64_t score_size = avx512 ? (max_deg * H + 15) / 16 * 16 : max_deg * ((H + 7) / 8 * 8);
+  const int64_t score_size = avx512 ? prob_size(tab, H) : max_deg * ((H + 7) / 8 * 8);
   at::parallel_for(0, q.size(0) * q.size(2), 16, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> keys(max_deg + 16);
     std::vector<float> score(score_size), qs(avx512 ? H * d : 0);
@@ -701,22 +710,19 @@ bool try_fused_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   });
   return true;
 }
+
 // y [B, L, N] stored in q's token order (y[b, i] at b * yb + i * yi) when the AVX-512 kernel and the fused
 // projection apply (fp32, N % 64 == 0; the caller has checked there are no dense rows); false otherwise.
 bool try_fused_projected(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Table& tab,
-                         const int32_t* count, double scale, const at::Tensor& wt, const at::Tensor& bias,
-                         at::Tensor& y) {
-  const int64_t max_deg = std::max<int64_t>(tab.num_shared + tab.width, 1), H = q.size(1), d = q.size(3);
-  const int64_t L = q.size(2), N = wt.size(1);
-  if (cpu_isa() != Isa::avx512 || q.scalar_type() != at::kFloat || d % 16 != 0 || 16 % H != 0 ||
-      (max_deg * H + 15) / 16 > kMaxGroups || N % 64 != 0 || !heads_fused(q) || !heads_fused(k) || !heads_fused(v))
-    return false;
+                         double scale, const at::Tensor& wt, const at::Tensor& bias, at::Tensor& y) {
+  const int64_t max_deg = tab.max_degree(), H = q.size(1), d = q.size(3), L = q.size(2), N = wt.size(1);
+  if (q.scalar_type() != at::kFloat || N % 64 != 0 || !avx512_rows(q, k, v, tab)) return false;
   at::Tensor lse = at::empty({q.size(0), H, L}, q.options());
   Fused<float> a = fused_args<float>(q, k, v, tab, scale, y /* unused: rows go to dst */, lse, nullptr);
   const int64_t yb = y.stride(0), yi = y.stride(1);
   at::parallel_for(0, q.size(0) * L, kRows, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> keys(max_deg + 16);
-    std::vector<float> prob((max_deg * H + 15) / 16 * 16), qs(H * d), obuf(kRows * H * d);
+    std::vector<float> prob(prob_size(tab, H)), qs(H * d), obuf(kRows * H * d);
     fused_projected_rows(a, begin, end, keys.data(), prob.data(), qs.data(), obuf.data(), wt.const_data_ptr<float>(),
                          bias.defined() ? bias.const_data_ptr<float>() : nullptr, N, y.data_ptr<float>(), yb, yi);
   });
@@ -727,7 +733,7 @@ bool try_fused_f32(const at::Tensor&, const at::Tensor&, const at::Tensor&, cons
                    at::Tensor&, at::Tensor*) {
   return false;
 }
-bool try_fused_projected(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Table&, const int32_t*, double,
+bool try_fused_projected(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Table&, double,
                          const at::Tensor&, const at::Tensor&, at::Tensor&) {
   return false;
 }
@@ -817,7 +823,7 @@ at::Tensor adjacency_attention_forward_projected_cpu(const at::Tensor& q, const 
                 " is a dense row (count < 0); tables with dense rows take adjacency_attention_forward");
   const bool seq_first = q.stride(0) < q.stride(2);
   at::Tensor y = seq_first ? at::empty({L, B, N}, q.options()).permute({1, 0, 2}) : at::empty({B, L, N}, q.options());
-  if (try_fused_projected(q, k, v, make_table(index, count, shared), count.data_ptr<int32_t>(), scale, wt, b, y))
+  if (try_fused_projected(q, k, v, make_table(index, count, shared), scale, wt, b, y))
     return y;
   auto [out, lse, weights] = forward_impl(q, k, v, index, count, shared, scale, 0, false);
   at::Tensor flat = out.permute({0, 2, 1, 3}).reshape({B, L, HD});

@@ -127,7 +127,12 @@ class AdjacencyMultiheadAttention(nn.MultiheadAttention):
     def _sparse_forward(self, query, key, value, table, need_weights, average_attn_weights):
         """(output, weights or None) through the kernel, for inputs ``_sparse_table`` accepted."""
         q, k, v = self._project(query, key, value)
-        B, H, L, d = q.shape
+        return self._attend_projected(q, k, v, table, need_weights, average_attn_weights)
+
+    def _attend_projected(self, q, k, v, table, need_weights=False, average_attn_weights=True):
+        """(output in the module's layout, weights or None) from the in-projection's q [B, H, L, d] and k, v
+        [B, H, S, d] through the kernel and the output projection (fused into one op in CPU inference)."""
+        d = q.shape[-1]
         scale = 1.0 / math.sqrt(d)
         if not need_weights:
             y = attention_out_projected(q, k, v, table, scale, self.out_proj.weight, self.out_proj.bias)

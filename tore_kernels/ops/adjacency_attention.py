@@ -247,6 +247,10 @@ if backend.HAS_EXTENSION and hasattr(torch.ops.tore_kernels, "adjacency_attentio
         _not_differentiable(_name)
 
 
+# an extension built before the op existed runs the two steps
+_HAS_PROJECTED = backend.HAS_EXTENSION and hasattr(torch.ops.tore_kernels, "adjacency_attention_forward_projected")
+
+
 # ------------------------------------------------------------------------------------------ public API
 
 def _check_qkv(q, k, v, table: NeighbourTable):
@@ -302,9 +306,8 @@ def attention_out_projected(q, k, v, table: NeighbourTable, scale: float, weight
     order), computed by the C++ op that out-projects each block of rows while it is in cache; None where that op
     does not apply (another backend or dtype, autograd, dense rows): the caller runs the two steps."""
     tensors = (q, k, v, weight) if bias is None else (q, k, v, weight, bias)
-    if (q.device.type != "cpu" or q.dtype != torch.float32 or weight.dtype != q.dtype or table.dense_rows.numel()
-            or backend.choose(OP, q.device) != "cpu" or not hasattr(torch.ops.tore_kernels,
-                                                                    "adjacency_attention_forward_projected")
+    if (not _HAS_PROJECTED or q.device.type != "cpu" or q.dtype != torch.float32 or weight.dtype != q.dtype
+            or table.dense_rows.numel() or backend.choose(OP, q.device) != "cpu"
             or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
         return None
     wt = derived_weight(weight, "transposed", lambda w: w.t().contiguous())

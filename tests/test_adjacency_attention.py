@@ -286,6 +286,144 @@ def test_forward_projected_op_checks():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+def _mha_case(E, H, L, S, B, seq_first, sharing, bias, seed=0):
+    """(float64 nn.MultiheadAttention, query, key, value) for the whole-block op; sharing: which inputs coincide."""
+    torch.manual_seed(seed)
+    mha = nn.MultiheadAttention(E, H, bias=bias, batch_first=not seq_first).double().eval()
+    if bias:
+        with torch.no_grad():
+            mha.in_proj_bias.normal_()
+            mha.out_proj.bias.normal_()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = [torch.randn(n, B, E, generator=g) for n in (L, S, S)]
+    query, key, value = {"qkv": (x[0], x[0], x[0]), "qk": (x[0], x[0], x[2]), "kv": (x[0], x[1], x[1]),
+                         "none": tuple(x)}[sharing]
+    if not seq_first:
+        query, key, value = (t.transpose(0, 1).contiguous() for t in (query, key, value))
+    return mha, query, key, value
+
+
+def _mha_op(mha, query, key, value, table, seq_first):
+    """The op on batch-first views of fp32 copies of mha's weights and the inputs, as mha_inference calls it."""
+    f = (lambda t: t.transpose(0, 1)) if seq_first else (lambda t: t)
+    w = {n: p.detach().float() for n, p in mha.named_parameters()}
+    y = torch.ops.tore_kernels.adjacency_mha_forward(
+        f(query), f(key), f(value), w["in_proj_weight"].t().contiguous(), w.get("in_proj_bias"), table.index,
+        table.count, table.shared, mha.num_heads, (mha.embed_dim // mha.num_heads) ** -0.5,
+        w["out_proj.weight"].t().contiguous(), w.get("out_proj.bias"))
+    return y.transpose(0, 1) if seq_first else y
+
+
+# (E, H): the fused AVX-512 kernel (d = 16, 16, 64), and shapes it leaves to the separate steps (E % 64, H = 3)
+MHA_SHAPES = [(128, 8), (64, 4), (128, 2), (96, 3), (48, 4)]
+
+
+@needs_ext
+@pytest.mark.parametrize("E,H", MHA_SHAPES)
+@pytest.mark.parametrize("sharing", ["qk", "qkv", "none"])
+@pytest.mark.parametrize("seq_first", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_mha_forward_op(E, H, sharing, seq_first, bias):
+    """nn.MultiheadAttention's whole inference block (in-projection, attention, out-projection) in one op: float64
+    nn.MultiheadAttention with the mask, for self-attention over a graph with leaf rows and two components."""
+    blocked = ~random_graph(70, 0.04, 16, ("leaf", "split"))
+    t = aa.neighbour_table(blocked, dense_row_degree=70)
+    fused = torch.backends.cpu.get_cpu_capability() == "AVX512" and E % 64 == 0 and H != 3
+    assert torch.ops.tore_kernels.adjacency_mha_fused(torch.get_num_threads(), E, H, t.shared.numel() + t.width) \
+        == fused  # the fused kernel is what these cases cover, where the CPU has it
+    mha, query, key, value = _mha_case(E, H, 70, 70, 3, seq_first, sharing, bias)
+    y = _mha_op(mha, query, key, value, t, seq_first)
+    want = mha(query.double(), key.double(), value.double(), attn_mask=blocked, need_weights=False)[0]
+    assert y.dtype == torch.float32 and y.shape == want.shape
+    assert y.is_contiguous()  # in the query's memory order, seq-first or batch-first
+    torch.testing.assert_close(y.double(), want, atol=2e-5, rtol=2e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("seq_first", [True, False])
+@pytest.mark.parametrize("B", [1, 5])
+def test_mha_forward_op_cross_attention(seq_first, B):
+    """431 queries, 14 shared keys without a mask (the decoder's cross-attention), key and value from one tensor."""
+    t = aa.open_table(431, 14, torch.device("cpu"))
+    mha, query, key, value = _mha_case(128, 8, 431, 14, B, seq_first, "kv", True, seed=3)
+    y = _mha_op(mha, query, key, value, t, seq_first)
+    want = mha(query.double(), key.double(), value.double(), need_weights=False)[0]
+    torch.testing.assert_close(y.double(), want, atol=2e-5, rtol=2e-5)
+
+
+@needs_ext
+def test_mha_forward_op_checks():
+    blocked = GRAPHS["dense_rows"]()
+    L = blocked.shape[0]
+    x = torch.randn(2, L, 64)
+    in_wt, out_wt, b = torch.randn(64, 192), torch.randn(64, 64), torch.zeros(64)
+    ops = torch.ops.tore_kernels
+
+    def call(t, query=x, in_wt=in_wt, in_bias=None, out_wt=out_wt, out_bias=b, heads=4):
+        return ops.adjacency_mha_forward(query, x, x, in_wt, in_bias, t.index, t.count, t.shared, heads, 0.25,
+                                         out_wt, out_bias)
+
+    with pytest.raises(RuntimeError, match="dense row"):
+        call(aa.neighbour_table(blocked))
+    t = aa.neighbour_table(blocked, dense_row_degree=L)
+    for kwargs, message in (({"in_wt": in_wt[:, :64]}, "in_wt must be"), ({"out_wt": out_wt.t()}, "out_wt must be"),
+                            ({"in_bias": b}, "in_wt's bias must be"), ({"heads": 3}, "num_heads"),
+                            ({"query": x.double()}, "float32"), ({"query": x[:, :, :32]}, "query must be")):
+        with pytest.raises(RuntimeError, match=message):
+            call(t, **kwargs)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        ops.adjacency_mha_forward(x.requires_grad_(), x, x, in_wt, None, t.index, t.count, t.shared, 4, 0.25,
+                                  out_wt, None).sum().backward()
+    args = (x.detach().transpose(0, 1).contiguous().transpose(0, 1), x.detach(), x.detach(), in_wt, torch.zeros(192),
+            t.index, t.count, t.shared, 4, 0.25, out_wt, b)
+    torch.library.opcheck(ops.adjacency_mha_forward, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@needs_ext
+def test_mha_fused_only_where_faster():
+    """The fused op's tasks are samples: batches that would leave threads idle, other shapes and other CPUs run
+    the separate steps."""
+    fused = torch.ops.tore_kernels.adjacency_mha_fused
+    threads = torch.get_num_threads()
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    assert fused(threads, 128, 8, 16) == avx512 and fused(4 * threads + 1, 128, 8, 16) == avx512
+    assert not fused(threads, 128, 8, 17)  # more than 8 vectors of (neighbour, head) scores per row
+    assert not fused(threads, 96, 8, 7) and not fused(threads, 128, 3, 7) and not fused(threads, 128, 16, 7)
+    assert not fused(0, 128, 8, 7) and not fused(threads, 128, 0, 7)
+    if threads > 1:
+        assert not fused(1, 128, 8, 7) and not fused(threads + 1, 128, 8, 7)
+
+
+@needs_ext
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_module_inference_runs_whole_block_op(batch_first, monkeypatch):
+    """Without weights, in inference, the module runs the whole-block op where it is faster and the separate steps
+    elsewhere (gradients, weights wanted): both match nn.MultiheadAttention."""
+    monkeypatch.setenv("TORE_KERNELS_BACKEND", "cpu")
+    attention_module = importlib.import_module("tore_kernels.nn.attention")
+    used = []
+
+    def counting(*args):
+        y = aa.mha_inference(*args)
+        used.append(y is not None)
+        return y
+
+    monkeypatch.setattr(attention_module, "mha_inference", counting)
+    mha, fast = _pair(E=128, H=8, batch_first=batch_first)
+    blocked = ~random_graph(90, 0.03, 17, ("leaf",))  # at most 16 keys a row: 8 heads fit the fused kernel
+    qk, v = _decoder_inputs(90, 2 * torch.get_num_threads(), 128, batch_first)
+    with torch.no_grad():
+        want = mha(qk, qk, v, attn_mask=blocked, need_weights=False)[0]
+        got, weights = fast(qk, qk, v, attn_mask=blocked, need_weights=False)
+    assert weights is None and used == [torch.backends.cpu.get_cpu_capability() == "AVX512"]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    qk_g = qk.clone().requires_grad_()
+    got = fast(qk_g, qk_g, v, attn_mask=blocked, need_weights=False)[0]
+    assert used[-1] is False and got.requires_grad  # autograd: the separate, differentiable steps
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
 @needs_ext
 def test_averaged_weights_with_dense_rows(monkeypatch):
     monkeypatch.setenv("TORE_KERNELS_BACKEND", "cpu")
@@ -614,7 +752,7 @@ def test_cpu_kernel_every_isa_clone(capability):
     if probe.stdout.strip() != capability.upper():
         pytest.skip(f"this CPU has no {capability}")
     tests = ("test_forward_weights_op or test_strides_head_dims_layouts or test_module_random_graph or nan_input "
-             "or forward_projected")
+             "or forward_projected or mha_forward")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
                          env=env, capture_output=True, text=True)
     assert run.returncode == 0 and " passed" in run.stdout and "failed" not in run.stdout, \

@@ -503,7 +503,8 @@ constexpr int64_t kMaxGroups = 8;  // up to 8 * 16 (neighbour, head) pairs per r
 template <typename T, int64_t D, int H>
 TORE_AVX512_FN static inline __attribute__((always_inline)) void fused_row_avx512(const Fused<T>& a, int64_t r,
                                                                                   int64_t* keys, float* prob,
-                                                                                  float* qs, T* dst = nullptr) {
+                                                                                  float* qs, T* dst = nullptr,
+                                                                                  const T* qsrc = nullptr) {
   constexpr int G = 16 / H;  // neighbours per vector
   const int64_t d = D > 0 ? D : a.d, HD = H * d, V = d / 16;  // V vectors per head
   int64_t b, i;
@@ -519,7 +520,7 @@ TORE_AVX512_FN static inline __attribute__((always_inline)) void fused_row_avx51
   }
   const int64_t groups = (deg + G - 1) / G;
   for (int64_t j = 0; j < groups * G; ++j) keys[j] = (j < deg ? a.tab.key(i, j) : a.tab.key(i, 0)) * a.kn;
-  const T* qr = a.q + b * a.qb + i * a.qi;
+  const T* qr = qsrc ? qsrc : a.q + b * a.qb + i * a.qi;  // qsrc: the caller's projected q row
   const T* kb = a.k + b * a.kb;
   const T* vb = a.v + b * a.vb;
   const __m512 scale = _mm512_set1_ps(a.scale);
@@ -601,32 +602,36 @@ TORE_AVX512_FN static void fused_rows_avx512(const Fused<T>& a, int64_t begin, i
 // gathers.
 constexpr int64_t kRows = 16;
 
-TORE_AVX512_FN static void project_rows(const float* o, int64_t rows, int64_t K, const float* wt, const float* bias,
-                                        int64_t N, float* const* dst) {
-  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-    const int64_t nr = std::min<int64_t>(4, rows - r0);
-    for (int64_t n0 = 0; n0 < N; n0 += 64) {
+// y[r, :N] = x[r, :K] @ wt[:K, :N] + bias for r < rows: x row r at x + r * ldx, y row r at y + r * ldy, wt row k
+// at wt + k * ldw (N % 64 == 0). A 4-row x 64-column register tile; 64-column panels outer, so a panel of weights
+// serves every row tile from L1.
+TORE_AVX512_FN static void gemm_rows(const float* x, int64_t ldx, int64_t rows, int64_t K, const float* wt,
+                                     int64_t ldw, int64_t N, const float* bias, float* y, int64_t ldy) {
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    __m512 b0[4];
+    for (int j = 0; j < 4; ++j) b0[j] = bias ? _mm512_loadu_ps(bias + n0 + 16 * j) : _mm512_setzero_ps();
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+      const int64_t nr = std::min<int64_t>(4, rows - r0);
       __m512 acc[4][4];
-      for (int j = 0; j < 4; ++j) {
-        const __m512 b0 = bias ? _mm512_loadu_ps(bias + n0 + 16 * j) : _mm512_setzero_ps();
-        for (int r = 0; r < 4; ++r) acc[r][j] = b0;
+      const float* xr[4];
+      for (int r = 0; r < 4; ++r) {
+        xr[r] = x + (r0 + std::min<int64_t>(r, nr - 1)) * ldx;
+        for (int j = 0; j < 4; ++j) acc[r][j] = b0[j];
       }
-      const float* orow[4];
-      for (int r = 0; r < 4; ++r) orow[r] = o + (r0 + std::min<int64_t>(r, nr - 1)) * K;
       for (int64_t k = 0; k < K; ++k) {
-        const float* w = wt + k * N + n0;
+        const float* w = wt + k * ldw + n0;
         const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16), w2 = _mm512_loadu_ps(w + 32),
                      w3 = _mm512_loadu_ps(w + 48);
         for (int r = 0; r < 4; ++r) {
-          const __m512 x = _mm512_set1_ps(orow[r][k]);
-          acc[r][0] = _mm512_fmadd_ps(x, w0, acc[r][0]);
-          acc[r][1] = _mm512_fmadd_ps(x, w1, acc[r][1]);
-          acc[r][2] = _mm512_fmadd_ps(x, w2, acc[r][2]);
-          acc[r][3] = _mm512_fmadd_ps(x, w3, acc[r][3]);
+          const __m512 xk = _mm512_set1_ps(xr[r][k]);
+          acc[r][0] = _mm512_fmadd_ps(xk, w0, acc[r][0]);
+          acc[r][1] = _mm512_fmadd_ps(xk, w1, acc[r][1]);
+          acc[r][2] = _mm512_fmadd_ps(xk, w2, acc[r][2]);
+          acc[r][3] = _mm512_fmadd_ps(xk, w3, acc[r][3]);
         }
       }
       for (int r = 0; r < nr; ++r)
-        for (int j = 0; j < 4; ++j) _mm512_storeu_ps(dst[r0 + r] + n0 + 16 * j, acc[r][j]);
+        for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + (r0 + r) * ldy + n0 + 16 * j, acc[r][j]);
     }
   }
 }
@@ -634,24 +639,19 @@ TORE_AVX512_FN static void project_rows(const float* o, int64_t rows, int64_t K,
 template <int64_t D, int H>
 TORE_AVX512_FN static void fused_projected_rows_d(const Fused<float>& a, int64_t begin, int64_t end, int64_t* keys,
                                                   float* prob, float* qs, float* obuf, const float* wt,
-                                                  const float* bias, int64_t N, float* y, int64_t yb, int64_t yi) {
-  float* dst[kRows];
+                                                  const float* bias, int64_t N, float* y) {
+  const int64_t HD = a.H * a.d;
   for (int64_t r0 = begin; r0 < end; r0 += kRows) {
     const int64_t n = std::min<int64_t>(kRows, end - r0);
-    for (int64_t t = 0; t < n; ++t) {
-      int64_t b, i;
-      a.split(r0 + t, b, i);
-      dst[t] = y + b * yb + i * yi;
-      fused_row_avx512<float, D, H>(a, r0 + t, keys, prob, qs, obuf + t * a.H * a.d);
-    }
-    project_rows(obuf, n, a.H * a.d, wt, bias, N, dst);
+    for (int64_t t = 0; t < n; ++t) fused_row_avx512<float, D, H>(a, r0 + t, keys, prob, qs, obuf + t * HD);
+    gemm_rows(obuf, HD, n, HD, wt, N, N, bias, y + r0 * N, N);  // y is in q's row order
   }
 }
 
 TORE_AVX512_FN static void fused_projected_rows(const Fused<float>& a, int64_t begin, int64_t end, int64_t* keys,
                                                 float* prob, float* qs, float* obuf, const float* wt,
-                                                const float* bias, int64_t N, float* y, int64_t yb, int64_t yi) {
-#define TORE_PROJECTED(D, H) fused_projected_rows_d<D, H>(a, begin, end, keys, prob, qs, obuf, wt, bias, N, y, yb, yi)
+                                                const float* bias, int64_t N, float* y) {
+#define TORE_PROJECTED(D, H) fused_projected_rows_d<D, H>(a, begin, end, keys, prob, qs, obuf, wt, bias, N, y)
   switch (a.H) {
     case 1: return TORE_PROJECTED(0, 1);
     case 2: return TORE_PROJECTED(0, 2);
@@ -719,14 +719,71 @@ bool try_fused_projected(const at::Tensor& q, const at::Tensor& k, const at::Ten
   if (q.scalar_type() != at::kFloat || N % 64 != 0 || !avx512_rows(q, k, v, tab)) return false;
   at::Tensor lse = at::empty({q.size(0), H, L}, q.options());
   Fused<float> a = fused_args<float>(q, k, v, tab, scale, y /* unused: rows go to dst */, lse, nullptr);
-  const int64_t yb = y.stride(0), yi = y.stride(1);
   at::parallel_for(0, q.size(0) * L, kRows, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> keys(max_deg + 16);
     std::vector<float> prob(prob_size(tab, H)), qs(H * d), obuf(kRows * H * d);
     fused_projected_rows(a, begin, end, keys.data(), prob.data(), qs.data(), obuf.data(), wt.const_data_ptr<float>(),
-                         bias.defined() ? bias.const_data_ptr<float>() : nullptr, N, y.data_ptr<float>(), yb, yi);
+                         bias.defined() ? bias.const_data_ptr<float>() : nullptr, N, y.data_ptr<float>());
   });
   return true;
+}
+
+// The whole inference block of nn.MultiheadAttention, one sample per task: k and v of the sample's S tokens are
+// projected into a per-thread buffer that stays in L2, then each block of kRows queries is projected, attended
+// (its gathers hit that buffer) and out-projected while in L1. q/k/v never go to memory.
+struct Block {
+  const float *xq, *xk, *xv;              // query [B, L, E], key / value [B, S, E] (element strides below)
+  int64_t qb, qi, kb, ki, vb, vi, yb, yi;
+  const float *in_wt, *in_b, *out_wt, *out_b;  // in_wt [E, 3E] (q | k | v columns), out_wt [E, E]
+  float* y;
+  int64_t E, H, L, S;
+  Table tab;
+  float scale;
+};
+
+template <int64_t D, int H>
+TORE_AVX512_FN static void block_samples_d(const Block& m, int64_t begin, int64_t end) {
+  const int64_t E = m.E, d = E / H;
+  std::vector<int64_t> keys(m.tab.max_degree() + 16);
+  std::vector<float> prob(prob_size(m.tab, H)), qs(E), kv(m.S * 2 * E), qbuf(kRows * E), obuf(kRows * E),
+      lse(H * m.L);
+  const float* kb_ = m.in_b ? m.in_b + E : nullptr;
+  const float* vb_ = m.in_b ? m.in_b + 2 * E : nullptr;
+  for (int64_t b = begin; b < end; ++b) {
+    const float* xk = m.xk + b * m.kb;
+    const float* xv = m.xv + b * m.vb;
+    if (xk == xv && m.ki == m.vi) {
+      gemm_rows(xk, m.ki, m.S, E, m.in_wt + E, 3 * E, 2 * E, kb_, kv.data(), 2 * E);
+    } else {
+      gemm_rows(xk, m.ki, m.S, E, m.in_wt + E, 3 * E, E, kb_, kv.data(), 2 * E);
+      gemm_rows(xv, m.vi, m.S, E, m.in_wt + 2 * E, 3 * E, E, vb_, kv.data() + E, 2 * E);
+    }
+    const Fused<float> a{nullptr, kv.data(), kv.data() + E, nullptr, lse.data(), nullptr, 0, 0, 0, 2 * E, 0, 2 * E,
+                         0, 0, 1, H, m.L, m.S, d, m.tab, m.scale, false};
+    for (int64_t i0 = 0; i0 < m.L; i0 += kRows) {
+      const int64_t n = std::min<int64_t>(kRows, m.L - i0);
+      gemm_rows(m.xq + b * m.qb + i0 * m.qi, m.qi, n, E, m.in_wt, 3 * E, E, m.in_b, qbuf.data(), E);
+      for (int64_t t = 0; t < n; ++t)
+        fused_row_avx512<float, D, H>(a, i0 + t, keys.data(), prob.data(), qs.data(), obuf.data() + t * E,
+                                      qbuf.data() + t * E);
+      gemm_rows(obuf.data(), E, n, E, m.out_wt, E, E, m.out_b, m.y + b * m.yb + i0 * m.yi, m.yi);
+    }
+  }
+}
+
+TORE_AVX512_FN static void block_samples(const Block& m, int64_t begin, int64_t end) {
+  switch (m.H) {
+    case 1: return block_samples_d<0, 1>(m, begin, end);
+    case 2: return block_samples_d<0, 2>(m, begin, end);
+    case 4: return block_samples_d<0, 4>(m, begin, end);
+    case 8: return m.E == 128 ? block_samples_d<16, 8>(m, begin, end) : block_samples_d<0, 8>(m, begin, end);
+    default: return block_samples_d<0, 16>(m, begin, end);
+  }
+}
+
+bool block_applies(int64_t E, int64_t H, int64_t max_degree) {
+  return cpu_isa() == Isa::avx512 && E % 64 == 0 && 16 % H == 0 && (E / H) % 16 == 0 &&
+         (max_degree * H + 15) / 16 <= kMaxGroups;
 }
 #else
 bool try_fused_f32(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Table&, double, at::Tensor&,
@@ -737,6 +794,8 @@ bool try_fused_projected(const at::Tensor&, const at::Tensor&, const at::Tensor&
                          const at::Tensor&, const at::Tensor&, at::Tensor&) {
   return false;
 }
+struct Block {};
+bool block_applies(int64_t, int64_t, int64_t) { return false; }
 #endif
 
 // Calls f.template operator()<Kernels<scalar_t, D, UNIT>>() for the tensors' head dim and strides.
@@ -831,6 +890,77 @@ at::Tensor adjacency_attention_forward_projected_cpu(const at::Tensor& q, const 
   return y;
 }
 
+// Inference (not differentiable): nn.MultiheadAttention's output (need_weights=False) for a neighbour table without
+// dense rows. query [B, L, E], key and value [B, S, E] (last dim contiguous, any other strides); in_wt [E, 3E] and
+// out_wt [E, E] are in_proj_weight and out_proj.weight transposed. y [B, L, E] in query's memory order.
+at::Tensor adjacency_mha_forward_cpu(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                     const at::Tensor& in_wt, const std::optional<at::Tensor>& in_bias,
+                                     const at::Tensor& index, const at::Tensor& count, const at::Tensor& shared,
+                                     int64_t num_heads, double scale, const at::Tensor& out_wt,
+                                     const std::optional<at::Tensor>& out_bias) {
+  const char* op = "adjacency_mha_forward: ";
+  TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && value.dim() == 3 && key.sizes() == value.sizes() &&
+                  key.size(0) == query.size(0) && key.size(2) == query.size(2),
+              op, "query must be [B, L, E] and key, value [B, S, E]");
+  const int64_t B = query.size(0), L = query.size(1), S = key.size(1), E = query.size(2);
+  for (const at::Tensor* t : {&query, &key, &value})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->stride(2) == 1, op,
+                "query, key and value must be float32 with a contiguous last dimension");
+  TORCH_CHECK(num_heads > 0 && E % num_heads == 0, op, "num_heads (", num_heads, ") must divide E (", E, ")");
+  auto check_weight = [&](const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t cols, const char* name) {
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == E && w.size(1) == cols && w.is_contiguous() &&
+                    w.scalar_type() == at::kFloat,
+                op, name, " must be a contiguous float32 [", E, ", ", cols, "] tensor");
+    TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == cols && bias->is_contiguous() &&
+                                      bias->scalar_type() == at::kFloat),
+                op, name, "'s bias must be a contiguous float32 [", cols, "] tensor");
+  };
+  check_weight(in_wt, in_bias, 3 * E, "in_wt");
+  check_weight(out_wt, out_bias, E, "out_wt");
+  check_table(index, count, shared, L, S);
+  const int32_t* cnt = count.data_ptr<int32_t>();
+  for (int64_t i = 0; i < L; ++i)
+    TORCH_CHECK(cnt[i] >= 0, op, "query row ", i, " is a dense row (count < 0); tables with dense rows take "
+                "adjacency_attention_forward");
+  const Table tab = make_table(index, count, shared);
+  const bool seq_first = query.stride(1) > query.stride(0);
+  at::Tensor y = seq_first ? at::empty({L, B, E}, query.options()).permute({1, 0, 2})
+                           : at::empty({B, L, E}, query.options());
+  const float* in_b = in_bias.has_value() ? in_bias->const_data_ptr<float>() : nullptr;
+  const float* out_b = out_bias.has_value() ? out_bias->const_data_ptr<float>() : nullptr;
+#ifdef TORE_AA_AVX2
+  if (block_applies(E, num_heads, tab.max_degree())) {
+    const Block m{query.const_data_ptr<float>(), key.const_data_ptr<float>(), value.const_data_ptr<float>(),
+                  query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+                  y.stride(0), y.stride(1), in_wt.const_data_ptr<float>(), in_b, out_wt.const_data_ptr<float>(),
+                  out_b, y.data_ptr<float>(), E, num_heads, L, S, tab, static_cast<float>(scale)};
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) { block_samples(m, begin, end); });
+    return y;
+  }
+#endif
+  // other CPUs and shapes: the steps one after the other
+  auto project = [&](const at::Tensor& x, int64_t part) {
+    at::Tensor w = in_wt.slice(1, part * E, (part + 1) * E);
+    at::Tensor p = at::matmul(x, w);
+    if (in_bias.has_value()) p.add_(in_bias->slice(0, part * E, (part + 1) * E));
+    return p.view({B, -1, num_heads, E / num_heads}).permute({0, 2, 1, 3});
+  };
+  auto [out, lse, weights] = forward_impl(project(query, 0), project(key, 1), project(value, 2), index, count, shared,
+                                          scale, 0, false);
+  at::Tensor flat = out.permute({0, 2, 1, 3}).reshape({B * L, E});
+  y.copy_((out_bias.has_value() ? at::addmm(*out_bias, flat, out_wt) : at::mm(flat, out_wt)).view({B, L, E}));
+  return y;
+}
+
+// Whether adjacency_mha_forward runs its fused kernel on this CPU for these sizes and is then the faster choice.
+// Its tasks are whole samples: a batch that leaves more than a fifth of the threads' time idle (one sample on two
+// threads, three on two) runs faster as separate steps parallel over rows.
+bool adjacency_mha_fused(int64_t batch, int64_t embed_dim, int64_t num_heads, int64_t max_degree) {
+  const int64_t threads = at::get_num_threads(), rounds = (batch + threads - 1) / threads;
+  return batch > 0 && 4 * rounds * threads <= 5 * batch && num_heads > 0 && embed_dim % num_heads == 0 &&
+         block_applies(embed_dim, num_heads, max_degree);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adjacency_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& index, const at::Tensor& count, const at::Tensor& shared, double scale) {
@@ -882,6 +1012,9 @@ TORCH_LIBRARY_FRAGMENT(tore_kernels, m) {
         "Tensor index, Tensor count, Tensor shared, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("adjacency_attention_probs(Tensor q, Tensor k, Tensor lse, Tensor index, Tensor count, Tensor shared, "
         "float scale) -> Tensor");
+  m.def("adjacency_mha_forward(Tensor query, Tensor key, Tensor value, Tensor in_wt, Tensor? in_bias, Tensor index, "
+        "Tensor count, Tensor shared, int num_heads, float scale, Tensor out_wt, Tensor? out_bias) -> Tensor");
+  m.def("adjacency_mha_fused(int batch, int embed_dim, int num_heads, int max_degree) -> bool", &adjacency_mha_fused);
 }
 
 TORCH_LIBRARY_IMPL(tore_kernels, CPU, m) {
@@ -890,6 +1023,7 @@ TORCH_LIBRARY_IMPL(tore_kernels, CPU, m) {
   m.impl("adjacency_attention_forward_projected", &adjacency_attention_forward_projected_cpu);
   m.impl("adjacency_attention_backward", &adjacency_attention_backward_cpu);
   m.impl("adjacency_attention_probs", &adjacency_attention_probs_cpu);
+  m.impl("adjacency_mha_forward", &adjacency_mha_forward_cpu);
 }
 
 }  // namespace tore_kernels

@@ -10,8 +10,8 @@ from .. import backend
 from ..ops.linear import linear
 # names, not the submodule: tore_kernels.ops.adjacency_attention is also the exported function's name
 from ..ops.adjacency_attention import (LAYOUT_BLHD, LAYOUT_LBHD, OP, attention_out_projected, attention_weights,
-                                       attention_with_averaged_weights, attention_with_lse, open_table,
-                                       table_or_none)
+                                       attention_with_averaged_weights, attention_with_lse, mha_inference,
+                                       open_table, table_or_none)
 
 # Without a mask, attention to at most this many keys runs through the CPU kernel with every key shared by all
 # queries. Measured at batch 32, 8 heads (min of 40): 431 queries x 14 keys, d 16 (the NSR's cross-attention to
@@ -38,7 +38,9 @@ class AdjacencyMultiheadAttention(nn.MultiheadAttention):
     (:mod:`tore_kernels.ops.adjacency_attention`), built once per mask tensor. On CPU, unmasked attention to at
     most ``OPEN_TABLE_MAX_KEYS`` keys (the decoder's cross-attention to the joint tokens; fp32, or bf16 with
     AVX-512) runs through the same kernel. An all-False bool key_padding_mask counts as none. On CPU without
-    autograd, the projections run on oneDNN-packed weights (:func:`tore_kernels.ops.linear.linear`).
+    autograd, the projections run on oneDNN-packed weights (:func:`tore_kernels.ops.linear.linear`), or, with
+    AVX-512 and no weights wanted, the whole block runs in one op a sample at a time
+    (:func:`tore_kernels.ops.adjacency_attention.mha_inference`).
     Everything else takes ``nn.MultiheadAttention``'s own path: key_padding_mask, is_causal, 3-D masks, float
     masks with finite biases, dropout while training, kdim/vdim != embed_dim, bias_k/add_zero_attn, unbatched
     input, and ``need_weights=True`` while gradients are being recorded.
@@ -126,6 +128,12 @@ class AdjacencyMultiheadAttention(nn.MultiheadAttention):
 
     def _sparse_forward(self, query, key, value, table, need_weights, average_attn_weights):
         """(output, weights or None) through the kernel, for inputs ``_sparse_table`` accepted."""
+        if not need_weights:
+            views = (query, key, value) if self.batch_first else (t.transpose(0, 1) for t in (query, key, value))
+            y = mha_inference(*views, table, self.num_heads, self.in_proj_weight, self.in_proj_bias,
+                              self.out_proj.weight, self.out_proj.bias)
+            if y is not None:
+                return (y if self.batch_first else y.transpose(0, 1)), None
         q, k, v = self._project(query, key, value)
         return self._attend_projected(q, k, v, table, need_weights, average_attn_weights)
 

@@ -209,6 +209,14 @@ if backend.HAS_EXTENSION and hasattr(torch.ops.tore_kernels, "adjacency_attentio
             return q.new_empty((L, B, N)).permute(1, 0, 2)
         return q.new_empty((B, L, N))
 
+    @torch.library.register_fake("tore_kernels::adjacency_mha_forward")
+    def _mha_forward_fake(query, key, value, in_wt, in_bias, index, count, shared, num_heads, scale, out_wt,
+                          out_bias):
+        B, L, E = query.shape
+        if query.stride(1) > query.stride(0):  # seq-first query: y is [L, B, E] in memory
+            return query.new_empty((L, B, E)).permute(1, 0, 2)
+        return query.new_empty((B, L, E))
+
     @torch.library.register_fake("tore_kernels::adjacency_attention_backward")
     def _backward_fake(grad_out, q, k, v, out, lse, index, count, shared, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format), \
@@ -243,12 +251,13 @@ if backend.HAS_EXTENSION and hasattr(torch.ops.tore_kernels, "adjacency_attentio
                                         setup_context=lambda ctx, inputs, output: None)
 
     for _name in ("adjacency_attention_backward", "adjacency_attention_probs", "adjacency_attention_forward_weights",
-                  "adjacency_attention_forward_projected"):
+                  "adjacency_attention_forward_projected", "adjacency_mha_forward"):
         _not_differentiable(_name)
 
 
-# an extension built before the op existed runs the two steps
+# an extension built before these ops existed runs the separate steps
 _HAS_PROJECTED = backend.HAS_EXTENSION and hasattr(torch.ops.tore_kernels, "adjacency_attention_forward_projected")
+_HAS_MHA = backend.HAS_EXTENSION and hasattr(torch.ops.tore_kernels, "adjacency_mha_fused")
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -306,13 +315,38 @@ def attention_out_projected(q, k, v, table: NeighbourTable, scale: float, weight
     order), computed by the C++ op that out-projects each block of rows while it is in cache; None where that op
     does not apply (another backend or dtype, autograd, dense rows): the caller runs the two steps."""
     tensors = (q, k, v, weight) if bias is None else (q, k, v, weight, bias)
-    if (not _HAS_PROJECTED or q.device.type != "cpu" or q.dtype != torch.float32 or weight.dtype != q.dtype
-            or table.dense_rows.numel() or backend.choose(OP, q.device) != "cpu"
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+    if not (_HAS_PROJECTED and _cpu_inference(table, tensors)):
         return None
     wt = derived_weight(weight, "transposed", lambda w: w.t().contiguous())
     return torch.ops.tore_kernels.adjacency_attention_forward_projected(q, k, v, table.index, table.count,
                                                                        table.shared, scale, wt, bias)
+
+
+def _cpu_inference(table: NeighbourTable, tensors) -> bool:
+    """The fused CPU inference ops apply: fp32 CPU tensors, the C++ backend, no dense rows, no autograd."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not table.dense_rows.numel() and backend.choose(OP, tensors[0].device) == "cpu"
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
+
+def mha_inference(query, key, value, table: NeighbourTable, num_heads: int, in_proj_weight: torch.Tensor,
+                  in_proj_bias: torch.Tensor | None, out_proj_weight: torch.Tensor,
+                  out_proj_bias: torch.Tensor | None) -> torch.Tensor | None:
+    """Inference on CPU: nn.MultiheadAttention's output (``need_weights=False``) as ``[B, L, E]`` in query's memory
+    order, from batch-first views query ``[B, L, E]``, key and value ``[B, S, E]``. One C++ op runs the whole
+    block a sample at a time (in-projection, attention, out-projection), so q, k and v never go to memory. None
+    where that op is not the faster choice (another CPU, backend, dtype or shape; autograd; dense rows; a batch
+    that would leave threads idle): the caller runs the separate steps."""
+    tensors = [t for t in (query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias)
+               if t is not None]
+    if not (_HAS_MHA and _cpu_inference(table, tensors) and torch.ops.tore_kernels.adjacency_mha_fused(
+            query.shape[0], query.shape[2], num_heads, table.shared.numel() + table.width)):
+        return None
+    in_wt = derived_weight(in_proj_weight, "transposed", lambda w: w.t().contiguous())
+    out_wt = derived_weight(out_proj_weight, "transposed", lambda w: w.t().contiguous())
+    return torch.ops.tore_kernels.adjacency_mha_forward(
+        query, key, value, in_wt, in_proj_bias, table.index, table.count, table.shared, num_heads,
+        1.0 / math.sqrt(query.shape[2] // num_heads), out_wt, out_proj_bias)
 
 
 def adjacency_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: NeighbourTable, *,

@@ -422,6 +422,11 @@ def test_module_inference_runs_whole_block_op(batch_first, monkeypatch):
     got = fast(qk_g, qk_g, v, attn_mask=blocked, need_weights=False)[0]
     assert used[-1] is False and got.requires_grad  # autograd: the separate, differentiable steps
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    strided = torch.stack((qk, qk), -1)[..., 0]  # a last dimension with stride 2: the separate steps
+    with torch.no_grad():
+        got = fast(strided, strided, v, attn_mask=blocked, need_weights=False)[0]
+    assert used[-1] is False
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
 @needs_ext

@@ -336,10 +336,11 @@ def mha_inference(query, key, value, table: NeighbourTable, num_heads: int, in_p
     order, from batch-first views query ``[B, L, E]``, key and value ``[B, S, E]``. One C++ op runs the whole
     block a sample at a time (in-projection, attention, out-projection), so q, k and v never go to memory. None
     where that op is not the faster choice (another CPU, backend, dtype or shape; autograd; dense rows; a batch
-    that would leave threads idle): the caller runs the separate steps."""
+    that would leave threads idle; inputs whose last dimension is strided): the caller runs the separate steps."""
     tensors = [t for t in (query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias)
                if t is not None]
-    if not (_HAS_MHA and _cpu_inference(table, tensors) and torch.ops.tore_kernels.adjacency_mha_fused(
+    if not (_HAS_MHA and _cpu_inference(table, tensors) and all(t.stride(-1) == 1 for t in (query, key, value))
+            and torch.ops.tore_kernels.adjacency_mha_fused(
             query.shape[0], query.shape[2], num_heads, table.shared.numel() + table.width)):
         return None
     in_wt = derived_weight(in_proj_weight, "transposed", lambda w: w.t().contiguous())

@@ -371,6 +371,13 @@ def test_mha_forward_op_checks():
                             ({"query": x.double()}, "float32"), ({"query": x[:, :, :32]}, "query must be")):
         with pytest.raises(RuntimeError, match=message):
             call(t, **kwargs)
+    sparse = aa.neighbour_table(~random_graph(L, 0.01, 5, ("leaf",)))
+    assert ops.adjacency_mha_fused(torch.get_num_threads(), 64, 4, sparse.width) == \
+        (torch.backends.cpu.get_cpu_capability() == "AVX512")
+    for table in (t, sparse):  # the separate steps (the hub row is too wide), the fused kernel: empty batches
+        e = x[:0]
+        y = ops.adjacency_mha_forward(e, e, e, in_wt, None, table.index, table.count, table.shared, 4, 0.25, out_wt, b)
+        assert y.shape == (0, L, 64)
     with pytest.raises(RuntimeError, match="not differentiable"):
         ops.adjacency_mha_forward(x.requires_grad_(), x, x, in_wt, None, t.index, t.count, t.shared, 4, 0.25,
                                   out_wt, None).sum().backward()

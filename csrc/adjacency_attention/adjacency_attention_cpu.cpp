@@ -718,7 +718,7 @@ bool try_fused_projected(const at::Tensor& q, const at::Tensor& k, const at::Ten
   const int64_t max_deg = tab.max_degree(), H = q.size(1), d = q.size(3), L = q.size(2), N = wt.size(1);
   if (q.scalar_type() != at::kFloat || N % 64 != 0 || !avx512_rows(q, k, v, tab)) return false;
   at::Tensor lse = at::empty({q.size(0), H, L}, q.options());
-  Fused<float> a = fused_args<float>(q, k, v, tab, scale, y /* unused: rows go to dst */, lse, nullptr);
+  Fused<float> a = fused_args<float>(q, k, v, tab, scale, y /* unused: rows go to obuf */, lse, nullptr);
   at::parallel_for(0, q.size(0) * L, kRows, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> keys(max_deg + 16);
     std::vector<float> prob(prob_size(tab, H)), qs(H * d), obuf(kRows * H * d);
@@ -943,7 +943,7 @@ at::Tensor adjacency_mha_forward_cpu(const at::Tensor& query, const at::Tensor& 
     at::Tensor w = in_wt.slice(1, part * E, (part + 1) * E);
     at::Tensor p = at::matmul(x, w);
     if (in_bias.has_value()) p.add_(in_bias->slice(0, part * E, (part + 1) * E));
-    return p.view({B, -1, num_heads, E / num_heads}).permute({0, 2, 1, 3});
+    return p.view({B, x.size(1), num_heads, E / num_heads}).permute({0, 2, 1, 3});
   };
   auto [out, lse, weights] = forward_impl(project(query, 0), project(key, 1), project(value, 2), index, count, shared,
                                           scale, 0, false);

@@ -552,6 +552,10 @@ def test_module_fastmetro_meshes(fastmetro_data, name):
     assert (~blocked == (~blocked).T).all() and int(degree.min()) >= 3
     mha, fast = _pair(E=128, H=8)
     _check_module(mha, fast, blocked, B=2)
+    qk, v = _decoder_inputs(blocked.shape[0], 2 * torch.get_num_threads(), 128, False)
+    with torch.no_grad():  # inference without weights: the whole-block op where the CPU has AVX-512
+        torch.testing.assert_close(fast(qk, qk, v, attn_mask=blocked, need_weights=False)[0],
+                                   mha(qk, qk, v, attn_mask=blocked, need_weights=False)[0], atol=2e-5, rtol=2e-5)
 
 
 @needs_ext

@@ -677,11 +677,13 @@ Fused<T> fused_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 }
 
 // The AVX-512 row kernel applies: the CPU, d a multiple of 16, H dividing 16, at most kMaxGroups vectors of
-// (neighbour, head) scores per row, each [H, d] block contiguous. prob_size: its per-row score buffer.
+// (neighbour, head) scores per row (avx512_shape), each [H, d] block contiguous (avx512_rows). prob_size: its
+// per-row score buffer.
+bool avx512_shape(int64_t d, int64_t H, int64_t max_degree) {
+  return cpu_isa() == Isa::avx512 && d % 16 == 0 && 16 % H == 0 && (max_degree * H + 15) / 16 <= kMaxGroups;
+}
 bool avx512_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Table& tab) {
-  const int64_t H = q.size(1);
-  return cpu_isa() == Isa::avx512 && q.size(3) % 16 == 0 && 16 % H == 0 &&
-         (tab.max_degree() * H + 15) / 16 <= kMaxGroups && heads_fused(q) && heads_fused(k) && heads_fused(v);
+  return avx512_shape(q.size(3), q.size(1), tab.max_degree()) && heads_fused(q) && heads_fused(k) && heads_fused(v);
 }
 int64_t prob_size(const Table& tab, int64_t H) { return (tab.max_degree() * H + 15) / 16 * 16; }
 
@@ -781,9 +783,9 @@ TORE_AVX512_FN static void block_samples(const Block& m, int64_t begin, int64_t 
   }
 }
 
+// gemm_rows needs E % 64 == 0; the row kernel reads the L2 buffer's [H, d] blocks contiguously.
 bool block_applies(int64_t E, int64_t H, int64_t max_degree) {
-  return cpu_isa() == Isa::avx512 && E % 64 == 0 && 16 % H == 0 && (E / H) % 16 == 0 &&
-         (max_degree * H + 15) / 16 <= kMaxGroups;
+  return E % 64 == 0 && avx512_shape(E / H, H, max_degree);
 }
 #else
 bool try_fused_f32(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Table&, double, at::Tensor&,

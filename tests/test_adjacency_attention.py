@@ -434,6 +434,13 @@ def test_module_inference_runs_whole_block_op(batch_first, monkeypatch):
         got = fast(strided, strided, v, attn_mask=blocked, need_weights=False)[0]
     assert used[-1] is False
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    # unmasked cross-attention to 16 keys (every key shared, 16 x 8 heads = the kernel's 8 vectors): the op too
+    joints = _decoder_inputs(16, qk.shape[0 if batch_first else 1], 128, batch_first, seed=1)[1]
+    with torch.no_grad():
+        got = fast(qk, joints, joints, need_weights=False)[0]
+        want = mha(qk, joints, joints, need_weights=False)[0]
+    assert used[-1] == (torch.backends.cpu.get_cpu_capability() == "AVX512")
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
 @needs_ext

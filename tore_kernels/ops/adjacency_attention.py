@@ -341,7 +341,7 @@ def mha_inference(query, key, value, table: NeighbourTable, num_heads: int, in_p
                if t is not None]
     if not (_HAS_MHA and _cpu_inference(table, tensors) and all(t.stride(-1) == 1 for t in (query, key, value))
             and torch.ops.tore_kernels.adjacency_mha_fused(
-            query.shape[0], query.shape[2], num_heads, table.shared.numel() + table.width)):
+            query.shape[0], query.shape[2], num_heads, table.width)):
         return None
     in_wt = derived_weight(in_proj_weight, "transposed", lambda w: w.t().contiguous())
     out_wt = derived_weight(out_proj_weight, "transposed", lambda w: w.t().contiguous())

@@ -71,6 +71,19 @@ void check_table(const at::Tensor& index, const at::Tensor& count, const at::Ten
   }
 }
 
+// The fused inference ops take sparse rows only: a dense row (count < 0) goes through adjacency_attention_forward.
+void check_no_dense_rows(const at::Tensor& count, const char* op) {
+  const int32_t* cnt = count.data_ptr<int32_t>();
+  for (int64_t i = 0; i < count.size(0); ++i)
+    TORCH_CHECK(cnt[i] >= 0, op, ": query row ", i, " is a dense row (count < 0); tables with dense rows take "
+                "adjacency_attention_forward");
+}
+
+// [B, L, N] stored [L, B, N] when seq_first: an output in its input's token order.
+at::Tensor empty_tokens(int64_t B, int64_t L, int64_t N, bool seq_first, const at::TensorOptions& options) {
+  return seq_first ? at::empty({L, B, N}, options).permute({1, 0, 2}) : at::empty({B, L, N}, options);
+}
+
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "adjacency_attention: q, k, v must be [B, H, N, d]");
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
@@ -878,12 +891,8 @@ at::Tensor adjacency_attention_forward_projected_cpu(const at::Tensor& q, const 
   TORCH_CHECK(!b.defined() ||
                   (b.dim() == 1 && b.size(0) == N && b.is_contiguous() && b.scalar_type() == q.scalar_type()),
               "adjacency_attention_forward_projected: bias must be a contiguous [N = ", N, "] tensor of q's dtype");
-  const int32_t* cnt = count.data_ptr<int32_t>();
-  for (int64_t i = 0; i < q.size(2); ++i)
-    TORCH_CHECK(cnt[i] >= 0, "adjacency_attention_forward_projected: query row ", i,
-                " is a dense row (count < 0); tables with dense rows take adjacency_attention_forward");
-  const bool seq_first = q.stride(0) < q.stride(2);
-  at::Tensor y = seq_first ? at::empty({L, B, N}, q.options()).permute({1, 0, 2}) : at::empty({B, L, N}, q.options());
+  check_no_dense_rows(count, "adjacency_attention_forward_projected");
+  at::Tensor y = empty_tokens(B, L, N, q.stride(0) < q.stride(2), q.options());
   if (try_fused_projected(q, k, v, make_table(index, count, shared), scale, wt, b, y))
     return y;
   auto [out, lse, weights] = forward_impl(q, k, v, index, count, shared, scale, 0, false);
@@ -920,14 +929,9 @@ at::Tensor adjacency_mha_forward_cpu(const at::Tensor& query, const at::Tensor& 
   check_weight(in_wt, in_bias, 3 * E, "in_wt");
   check_weight(out_wt, out_bias, E, "out_wt");
   check_table(index, count, shared, L, S);
-  const int32_t* cnt = count.data_ptr<int32_t>();
-  for (int64_t i = 0; i < L; ++i)
-    TORCH_CHECK(cnt[i] >= 0, op, "query row ", i, " is a dense row (count < 0); tables with dense rows take "
-                "adjacency_attention_forward");
+  check_no_dense_rows(count, "adjacency_mha_forward");
   const Table tab = make_table(index, count, shared);
-  const bool seq_first = query.stride(1) > query.stride(0);
-  at::Tensor y = seq_first ? at::empty({L, B, E}, query.options()).permute({1, 0, 2})
-                           : at::empty({B, L, E}, query.options());
+  at::Tensor y = empty_tokens(B, L, E, query.stride(1) > query.stride(0), query.options());
   const float* in_b = in_bias.has_value() ? in_bias->const_data_ptr<float>() : nullptr;
   const float* out_b = out_bias.has_value() ? out_bias->const_data_ptr<float>() : nullptr;
 #ifdef TORE_AA_AVX2
@@ -940,18 +944,14 @@ at::Tensor adjacency_mha_forward_cpu(const at::Tensor& query, const at::Tensor& 
     return y;
   }
 #endif
-  // other CPUs and shapes: the steps one after the other
+  // other CPUs and shapes: the in-projections, then the attention with its out-projection
   auto project = [&](const at::Tensor& x, int64_t part) {
-    at::Tensor w = in_wt.slice(1, part * E, (part + 1) * E);
-    at::Tensor p = at::matmul(x, w);
+    at::Tensor p = at::matmul(x, in_wt.slice(1, part * E, (part + 1) * E));
     if (in_bias.has_value()) p.add_(in_bias->slice(0, part * E, (part + 1) * E));
     return p.view({B, x.size(1), num_heads, E / num_heads}).permute({0, 2, 1, 3});
   };
-  auto [out, lse, weights] = forward_impl(project(query, 0), project(key, 1), project(value, 2), index, count, shared,
-                                          scale, 0, false);
-  at::Tensor flat = out.permute({0, 2, 1, 3}).reshape({B * L, E});
-  y.copy_((out_bias.has_value() ? at::addmm(*out_bias, flat, out_wt) : at::mm(flat, out_wt)).view({B, L, E}));
-  return y;
+  return y.copy_(adjacency_attention_forward_projected_cpu(project(query, 0), project(key, 1), project(value, 2),
+                                                           index, count, shared, scale, out_wt, out_bias));
 }
 
 // Whether adjacency_mha_forward runs its fused kernel on this CPU for these sizes and is then the faster choice.

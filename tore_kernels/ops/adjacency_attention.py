@@ -201,21 +201,18 @@ if backend.HAS_EXTENSION and hasattr(torch.ops.tore_kernels, "adjacency_attentio
         out, lse = _forward_fake(q, k, v, index, count, shared, scale, layout)
         return out, lse, q.new_empty((q.shape[0], q.shape[2], k.shape[2]))
 
+    def _empty_tokens(x, B, L, N, seq_first):
+        """[B, L, N], stored [L, B, N] when seq_first: the fused ops' output in their input's token order."""
+        return x.new_empty((L, B, N)).permute(1, 0, 2) if seq_first else x.new_empty((B, L, N))
+
     @torch.library.register_fake("tore_kernels::adjacency_attention_forward_projected")
     def _forward_projected_fake(q, k, v, index, count, shared, scale, wt, bias):
-        B, _, L, _ = q.shape
-        N = wt.shape[1]
-        if q.stride(0) < q.stride(2):  # seq-first q: y is [L, B, N] in memory
-            return q.new_empty((L, B, N)).permute(1, 0, 2)
-        return q.new_empty((B, L, N))
+        return _empty_tokens(q, q.shape[0], q.shape[2], wt.shape[1], q.stride(0) < q.stride(2))
 
     @torch.library.register_fake("tore_kernels::adjacency_mha_forward")
     def _mha_forward_fake(query, key, value, in_wt, in_bias, index, count, shared, num_heads, scale, out_wt,
                           out_bias):
-        B, L, E = query.shape
-        if query.stride(1) > query.stride(0):  # seq-first query: y is [L, B, E] in memory
-            return query.new_empty((L, B, E)).permute(1, 0, 2)
-        return query.new_empty((B, L, E))
+        return _empty_tokens(query, *query.shape, query.stride(1) > query.stride(0))
 
     @torch.library.register_fake("tore_kernels::adjacency_attention_backward")
     def _backward_fake(grad_out, q, k, v, out, lse, index, count, shared, scale):

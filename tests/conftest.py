@@ -37,3 +37,12 @@ def triton_backend(monkeypatch):
     """Run ops through their Triton kernels (interpreted on CPU tensors when there is no GPU)."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TORE_KERNELS_BACKEND", "triton")
+
+
+_CUDA = pytest.mark.skipif(not _has_gpu, reason="no CUDA device on this machine")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=_CUDA)])
+def device(request):
+    """The device a test runs on: CPU always, CUDA where a GPU is present (skipped, with the reason, elsewhere)."""
+    return torch.device(request.param)

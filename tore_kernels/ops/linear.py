@@ -28,7 +28,10 @@ _DERIVED: dict[tuple[int, str], tuple] = {}  # (id(parameter), tag) -> (weakref,
 
 def derived_weight(weight: torch.Tensor, tag: str, make) -> torch.Tensor:
     """``make(weight.detach())``, computed once per version of ``weight`` and cached under ``tag``. The result is
-    a normal tensor even when first built under ``torch.inference_mode`` (a later training step may use it)."""
+    a normal tensor even when first built under ``torch.inference_mode`` (a later training step may use it).
+    Under torch.compile it runs outside the graph (a cache keyed on identities would recompile per parameter)."""
+    if torch.compiler.is_compiling():
+        return _derived_weight_untraced(weight, tag, make)
     key, i = (weight._version, weight.data_ptr()), id(weight)
     hit = _DERIVED.get((i, tag))
     if hit is None or hit[0]() is not weight or hit[1] != key:
@@ -36,6 +39,9 @@ def derived_weight(weight: torch.Tensor, tag: str, make) -> torch.Tensor:
         with torch.inference_mode(False), torch.no_grad():
             hit = _DERIVED[(i, tag)] = (ref, key, make(weight.detach()))
     return hit[2]
+
+
+_derived_weight_untraced = torch.compiler.disable(derived_weight)
 
 
 def drop_derived(tensors) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..nn.mesh import MeshSampler
-from ..ops.linear import bf16_native, derived_weight, linear
+from ..ops import linear as _linear_ops
+from ..ops.linear import derived_weight, linear
 from .layers import base_forward
 
 # Linears whose outputs are the model's coordinates / camera (and the learned upsamplings of coordinates:
@@ -26,7 +27,7 @@ FALLBACK = ("dtype=torch.bfloat16 requested, but this CPU has no native bf16 (on
 
 def use_bf16() -> bool:
     """Whether patch(dtype=torch.bfloat16) runs bf16 here: the one place that decides (tests fake it)."""
-    return bf16_native()
+    return _linear_ops.bf16_native()  # looked up on call: tests fake that one function
 
 
 def to_fp32(out):

@@ -102,7 +102,8 @@ def decoder_layer_forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tg
                                                tgt_key_padding_mask=tgt_key_padding_mask,
                                                memory_key_padding_mask=memory_key_padding_mask, pos=pos,
                                                query_pos=query_pos)
-    shared = broadcast(tgt) and (query_pos is None or torch.equal(query_pos, query_pos[:, :1].expand_as(query_pos)))
+    shared = broadcast(tgt) and (query_pos is None or (not torch.compiler.is_compiling() and torch.equal(
+        query_pos, query_pos[:, :1].expand_as(query_pos))))  # a data-dependent check: not under compile
     t, qp = (tgt[:, :1], None if query_pos is None else query_pos[:, :1]) if shared else (tgt, query_pos)
     y = self.norm1(t)
     q = y if qp is None else y + qp

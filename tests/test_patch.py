@@ -308,7 +308,8 @@ def test_gradients_after_an_inference_call(kind, mode, topo, features):
                 continue
             # rounding error of a weight gradient scales with its largest entry (see test_train_mode_gradients_match)
             tol = 1e-5 * float(ref.abs().max()) + 1e-7
-            torch.testing.assert_close(g.double(), ref, rtol=1e-4, atol=tol, msg=lambda m: f"{first.__name__}, {name}: {m}")
+            torch.testing.assert_close(g.double(), ref, rtol=1e-4, atol=tol,
+                                       msg=lambda m: f"{first.__name__}, {name}: {m}")
 
 
 # patch(dtype=torch.bfloat16): linears, convs and attention take bf16 inputs (8 significant bits: each rounding is

@@ -2,7 +2,8 @@
 nn.MultiheadAttention as the model calls it vs tore-kernels' AdjacencyMultiheadAttention, alone and
 inside the whole decoder layer; and the attention alone on q, k, v (``nsr_attention_core``): the neighbour-list
 kernel vs dense SDPA with the mask and, on CUDA, FlexAttention with a block mask. Runs on the generated default
-body mesh; with TORE_FASTMETRO_DATA set to a folder of FastMETRO's files, also on SMPL's real adjacency."""
+body mesh; with TORE_FASTMETRO_DATA set to a folder of FastMETRO's files (your own, trusted: its .npz is
+unpickled), also on SMPL's real adjacency."""
 import os
 
 import torch
@@ -28,7 +29,8 @@ def _masks():
     yield "default", default_body_mesh().attention_mask()
     folder = os.environ.get("TORE_FASTMETRO_DATA")
     if folder:
-        yield "fastmetro-smpl", load_fastmetro(folder, "smpl").attention_mask()
+        # the folder is the user's own (trusted): its mesh_downsampling.npz needs pickle, refused otherwise
+        yield "fastmetro-smpl", load_fastmetro(folder, "smpl", trust_pickle=True).attention_mask()
 
 
 @entry("nsr_attention")

@@ -1,13 +1,16 @@
 """NSR self-attention over the 431 coarse-mesh vertex tokens (dim 128, 8 heads, the adjacency mask):
 nn.MultiheadAttention as the model calls it vs tore-kernels' AdjacencyMultiheadAttention, alone and
-inside the whole decoder layer. Runs on the generated default body mesh; with TORE_FASTMETRO_DATA set to a
-folder of FastMETRO's files, also on SMPL's real adjacency."""
+inside the whole decoder layer; and the attention alone on q, k, v (``nsr_attention_core``): the neighbour-list
+kernel vs dense SDPA with the mask and, on CUDA, FlexAttention with a block mask. Runs on the generated default
+body mesh; with TORE_FASTMETRO_DATA set to a folder of FastMETRO's files (your own, trusted: its .npz is
+unpickled), also on SMPL's real adjacency."""
 import os
 
 import torch
 import torch.nn.functional as F
 
 from tore_kernels.nn.attention import AdjacencyMultiheadAttention
+from tore_kernels.ops.adjacency_attention import adjacency_attention, neighbour_table
 from tore_kernels.topology import default_body_mesh, load_fastmetro
 from tore_reference.transformer import TransformerDecoderLayer
 from tore_benchmarks.harness import Case, entry
@@ -26,7 +29,8 @@ def _masks():
     yield "default", default_body_mesh().attention_mask()
     folder = os.environ.get("TORE_FASTMETRO_DATA")
     if folder:
-        yield "fastmetro-smpl", load_fastmetro(folder, "smpl").attention_mask()
+        # the folder is the user's own (trusted): its mesh_downsampling.npz needs pickle, refused otherwise
+        yield "fastmetro-smpl", load_fastmetro(folder, "smpl", trust_pickle=True).attention_mask()
 
 
 @entry("nsr_attention")
@@ -91,3 +95,46 @@ def nsr_decoder_layer(device, quick):
                                                    fast(t, m, tgt_mask=k, memory_key_padding_mask=kp, pos=p,
                                                         query_pos=qp)),
             })
+
+
+def _flex_attention(allowed):
+    """FlexAttention with a block mask of ``allowed`` [L, L] (True = may attend), compiled as its docs ask; None
+    on CPU (its CPU path is compiled per shape too, slow to build and not what the comparison is about)."""
+    if allowed.device.type != "cuda":
+        return None
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed[q_idx, kv_idx]
+
+    L = allowed.shape[0]
+    block_mask = create_block_mask(mask_mod, None, None, L, L, device=allowed.device)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+
+
+@entry("nsr_attention_core")
+def nsr_attention_core(device, quick):
+    """softmax(q k^T / sqrt(d) + mask) v on q, k, v [B, 8, L, 16] (the projections are not timed), fp32 (and bf16
+    on CUDA). bytes: q, k, v read once and the output written once (the neighbour table, a few KB, left out)."""
+    dtypes = (torch.float32, torch.bfloat16) if torch.device(device).type == "cuda" else (torch.float32,)
+    name, mask = list(_masks())[-1]  # SMPL's real adjacency where given, else the default mesh's
+    mask = mask.to(device)
+    L = mask.shape[0]
+    table = neighbour_table(mask)
+    allowed = ~mask
+    flex = _flex_attention(allowed)
+    for dtype in dtypes:
+        for batch in (1, 32):  # FlexAttention compiles per shape (~15 s on a GPU): the two batches that matter
+            g = torch.Generator().manual_seed(batch)
+            q, k, v = torch.randn(3, batch, HEADS, L, DIM // HEADS, generator=g).to(device, dtype).unbind(0)
+            variants = {
+                "sdpa bool mask": _no_grad(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=allowed)),
+                "tore-kernels": _no_grad(lambda q=q, k=k, v=v: adjacency_attention(q, k, v, table)),
+            }
+            if flex is not None:
+                variants["flex_attention block mask"] = _no_grad(lambda q=q, k=k, v=v: flex(q, k, v))
+            yield Case("nsr_attention_core", {"mask": name, "L": L, "batch": batch, "heads": HEADS,
+                                              "head_dim": DIM // HEADS, "dtype": str(dtype).removeprefix("torch.")},
+                       variants, bytes=4 * q.numel() * q.element_size())

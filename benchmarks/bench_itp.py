@@ -22,13 +22,16 @@ def itp(device, quick):
     ref = tore_reference.ImageTokenPruner(C, N).to(device).eval()
     conv, fc, ln = ref.token_selector_conv2d, ref.token_selector_fc, ref.layer_norm
     params = (conv.weight, conv.bias, fc.weight, fc.bias, ln.weight, ln.bias)
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
     for batch in ((1, 32) if quick else (1, 16, 32)):
         x = torch.randn(batch, C, H, W, device=device)
+        # the fewest bytes: features and parameters read once, heatmap [B, N, HW] and tokens [B, N, C] written once
+        fewest = (x.numel() + batch * N * (H * W + C)) * x.element_size() + param_bytes
         yield Case("itp", {"batch": batch, "C": C, "grid": f"{H}x{W}", "N": N, "dtype": "fp32"}, {
             "eager": _no_grad(lambda x=x: ref(x)),
             "conv3x3 alone": _no_grad(lambda x=x: F.conv2d(x, conv.weight, conv.bias, padding=1)),
             "tore-kernels": _no_grad(lambda x=x: image_token_prune(x, *params, eps=ln.eps)),
-        })
+        }, bytes=fewest)
         if torch.device(device).type == "cpu" and itp_ops.HAS_POST_CONV_OP:
             # everything after the conv (what the C++ op fuses): the torch sequence vs the op, on the conv's output
             with torch.no_grad():

@@ -12,6 +12,11 @@ An entry module ``benchmarks/bench_<family>.py`` registers generator functions::
 The first variant of a case is its baseline; every other variant gets ratio = baseline / variant
 (> 1 means faster). Variants are alternated within each repetition so that drift in machine load
 hits all of them alike; the median of the repetitions is reported with its IQR and min/max.
+
+A case may give ``bytes``: the fewest bytes one call must move through memory (each input read once, each
+output written once). Every variant's row then gets ``gb_per_s`` = bytes / median time, the bandwidth that
+time amounts to; on CUDA the run also measures the device's own copy bandwidth (``copy_gb_per_s``), the ceiling
+to read it against. On CUDA the time is taken with CUDA events around the calls (``--device cuda``).
 """
 from __future__ import annotations
 
@@ -42,9 +47,9 @@ _ENTRIES: dict[str, _Factory] = {}
 SETTINGS = {False: (3, 15, 0.05), True: (1, 5, 0.01)}
 
 CSV_FIELDS = ("timestamp", "entry", "params", "variant", "baseline", "status", "median_ms", "q1_ms", "q3_ms",
-              "min_ms", "max_ms", "reps", "calls_per_rep", "ratio_vs_baseline", "device", "device_name",
-              "cpu_model", "torch_threads", "load_avg_1m", "python", "torch", "torch_cuda", "triton",
-              "tore_kernels", "git_commit")
+              "min_ms", "max_ms", "reps", "calls_per_rep", "ratio_vs_baseline", "bytes", "gb_per_s", "device",
+              "device_name", "copy_gb_per_s", "cpu_model", "torch_threads", "load_avg_1m", "python", "torch",
+              "torch_cuda", "triton", "tore_kernels", "git_commit")
 
 
 @dataclass
@@ -52,8 +57,11 @@ class Case:
     entry: str
     params: dict[str, Any]
     variants: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    bytes: int | None = None  # the fewest bytes one call must move (inputs read once, outputs written once)
 
     def __post_init__(self):
+        if self.bytes is not None and (not isinstance(self.bytes, int) or self.bytes <= 0):
+            raise ValueError(f"Case({self.entry!r}): bytes must be a positive int or None, got {self.bytes!r}")
         if not isinstance(self.params, dict):
             raise TypeError(f"Case({self.entry!r}): params must be a dict, got {type(self.params).__name__}")
         if not isinstance(self.variants, dict) or len(self.variants) < 2:
@@ -166,13 +174,16 @@ def time_case(case: Case, device: torch.device, quick: bool = False) -> list[dic
     for name in names:
         row = {"entry": case.entry, "params": dict(case.params), "variant": name, "baseline": names[0],
                "status": "ok", "median_ms": None, "q1_ms": None, "q3_ms": None, "min_ms": None, "max_ms": None,
-               "reps": 0, "calls_per_rep": calls.get(name, 0), "ratio_vs_baseline": None}
+               "reps": 0, "calls_per_rep": calls.get(name, 0), "ratio_vs_baseline": None, "bytes": case.bytes,
+               "gb_per_s": None}
         if name in errors:
             row["status"] = "error: " + errors[name]
         else:
             values = sorted(samples[name])
             row.update(median_ms=statistics.median(values), q1_ms=_quantile(values, 0.25),
                        q3_ms=_quantile(values, 0.75), min_ms=values[0], max_ms=values[-1], reps=len(values))
+            if case.bytes and row["median_ms"]:
+                row["gb_per_s"] = case.bytes / (row["median_ms"] * 1e6)
         rows.append(row)
     base = rows[0]["median_ms"]
     for row in rows:
@@ -203,6 +214,22 @@ def _git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
+def copy_bandwidth(device: torch.device, size: int = 1 << 30) -> float | None:
+    """GB/s of a device-to-device copy of ``size`` bytes (read + written), the median of 10 after a warm-up: the
+    ceiling for the ``gb_per_s`` of memory-bound cases. None on CPU (not measured: noisy on a shared host)."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(size // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    timer, times = _timer(device), []
+    for _ in range(10):
+        times.append(timer(lambda: dst.copy_(src), 1))
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * size / statistics.median(times) / 1e9
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """What every result row is stamped with."""
     try:
@@ -219,6 +246,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "timestamp": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        "copy_gb_per_s": copy_bandwidth(device),
         "cpu_model": _cpu_model(),
         "torch_threads": torch.get_num_threads(),
         # other processes competing for the cores make CPU timings unreliable: keep the evidence
@@ -245,7 +273,9 @@ def _fmt(value: float | None, spec: str) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no benchmark cases)"
-    header = ("entry", "params", "variant", "median ms", "IQR ms", "min-max ms", "ratio")
+    bandwidth = any(r.get("bytes") for r in rows)  # a GB/s column only where some case counts its bytes
+    header = ("entry", "params", "variant", "median ms", "IQR ms", "min-max ms") + (("GB/s",) if bandwidth else ()) \
+        + ("ratio",)
     body = []
     for r in rows:
         iqr = None if r["q1_ms"] is None else r["q3_ms"] - r["q1_ms"]
@@ -253,8 +283,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         ratio = _fmt(r["ratio_vs_baseline"], ".2f") + ("x" if r["ratio_vs_baseline"] is not None else "")
         if r["status"] != "ok":
             ratio = r["status"][:60]
+        gbps = _fmt(r.get("gb_per_s"), ".4g")
+        if r.get("gb_per_s") and r.get("copy_gb_per_s"):
+            gbps += f" ({r['gb_per_s'] / r['copy_gb_per_s']:.0%})"
         body.append((r["entry"], _params_text(r["params"]), r["variant"], _fmt(r["median_ms"], ".4g"),
-                     _fmt(iqr, ".2g"), minmax, ratio))
+                     _fmt(iqr, ".2g"), minmax) + ((gbps,) if bandwidth else ()) + (ratio,))
     widths = [max(len(str(line[i])) for line in [header] + body) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header] + body]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -358,7 +391,7 @@ def run(entries: Iterable[str] | None = None, device: str | torch.device = "cpu"
                 rows.append({**env, "entry": name, "params": {}, "variant": "-", "baseline": "-",
                              "status": f"error: {type(exc).__name__}: {exc}", "median_ms": None, "q1_ms": None,
                              "q3_ms": None, "min_ms": None, "max_ms": None, "reps": 0, "calls_per_rep": 0,
-                             "ratio_vs_baseline": None})
+                             "ratio_vs_baseline": None, "bytes": None, "gb_per_s": None})
     finally:
         bar.close()
 
@@ -376,6 +409,9 @@ def run(entries: Iterable[str] | None = None, device: str | torch.device = "cpu"
             _write_plot(files["png"], rows, env)
     if print_table:
         print(format_table(rows))
+        if env["copy_gb_per_s"]:
+            print(f"\nGB/s: a case's fewest bytes over the median time; (%): of this device's measured copy bandwidth, "
+                  f"{env['copy_gb_per_s']:.0f} GB/s")
         print(f"\n{env['device_name']}, {env['torch_threads']} torch threads, torch {env['torch']}, "
               f"triton {env['triton'] or '-'}, tore-kernels {env['tore_kernels']}, "
               f"commit {env['git_commit'][:10] or '-'}")

@@ -3,15 +3,17 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-# Triton decides at decoration time whether a kernel runs in its interpreter, so this must be set
-# before tore_kernels is imported. With no GPU, the triton backend runs its kernels on CPU tensors.
+# Triton decides when a kernel is defined (tore_kernels' import) whether it runs in its interpreter, so this is
+# settled before any test module imports tore_kernels. Without a GPU the kernels are interpreted and take CPU
+# tensors; with one they are compiled for it and take CUDA tensors (one or the other in a process, never both).
 try:
     import torch
-    _has_gpu = torch.cuda.is_available()
+    HAS_GPU = torch.cuda.is_available()
 except Exception:
-    _has_gpu = False
-if not _has_gpu:
+    HAS_GPU = False
+if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Property tests (hypothesis): a fixed, derandomized run in CI; TORE_FUZZ_EXAMPLES=2000 for a long random fuzz.
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
@@ -32,17 +34,42 @@ def fastmetro_data():
     return FASTMETRO_DATA
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    """Run ops through their Triton kernels (interpreted on CPU tensors when there is no GPU)."""
+NO_GPU = "no CUDA device on this machine"
+CUDA = pytest.mark.skipif(not HAS_GPU, reason=NO_GPU)
+
+
+def _exact_fp32_on_cuda(device, monkeypatch):
+    """CUDA cases are held to fp32 / fp64 references: torch's TF32 default for cuDNN convolutions (the ITP's
+    backward recomputes its conv) would add ~1e-3 errors that are torch's setting, not the kernels'. (Matmuls
+    default to exact fp32 already.)"""
+    if device.type == "cuda":
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=CUDA)])
+def device(request, monkeypatch):
+    """The device a test runs on: CPU always, CUDA where a GPU is present (skipped, with the reason, elsewhere)."""
+    device = torch.device(request.param)
+    _exact_fp32_on_cuda(device, monkeypatch)
+    return device
+
+
+_TRITON_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        not TRITON_INTERPRETED, reason="the Triton kernels are compiled for the GPU in this run (TRITON_INTERPRET "
+                                       "is not 1): they run in the cuda cases")),
+    pytest.param("cuda", marks=pytest.mark.skipif(
+        not HAS_GPU or TRITON_INTERPRETED, reason=NO_GPU if not HAS_GPU else
+        "TRITON_INTERPRET=1: the Triton kernels are interpreted on CPU tensors in this run")),
+]
+
+
+@pytest.fixture(params=_TRITON_DEVICES)
+def triton_backend(request, monkeypatch):
+    """Ops forced through their Triton kernels; the device whose tensors the kernels take in this run: CPU through
+    the interpreter where there is no GPU, CUDA where there is one (the other case is skipped, with the reason)."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TORE_KERNELS_BACKEND", "triton")
-
-
-_CUDA = pytest.mark.skipif(not _has_gpu, reason="no CUDA device on this machine")
-
-
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=_CUDA)])
-def device(request):
-    """The device a test runs on: CPU always, CUDA where a GPU is present (skipped, with the reason, elsewhere)."""
-    return torch.device(request.param)
+    device = torch.device(request.param)
+    _exact_fp32_on_cuda(device, monkeypatch)
+    return device

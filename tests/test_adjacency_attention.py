@@ -60,15 +60,15 @@ def prefix_mask(vertex_allowed, prefix=14):
 
 
 def reference(q, k, v, blocked):
-    out = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=~blocked)
+    out = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=~blocked.to(q.device))
     return out.to(q.dtype)
 
 
-def qkv_views(B, H, L, d, dtype, seed=0, seq_first=True):
+def qkv_views(B, H, L, d, dtype, seed=0, seq_first=True, device="cpu"):
     """q, k, v as [B, H, L, d] views of one packed projection output, as the module produces them."""
     g = torch.Generator().manual_seed(seed)
     shape = (L, B, 3, H, d) if seq_first else (B, L, 3, H, d)
-    proj = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    proj = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).to(device)
     perm = (1, 2, 0, 3) if seq_first else (0, 2, 1, 3)
     return [proj[:, :, i].permute(perm) for i in range(3)]
 
@@ -507,16 +507,18 @@ def _pair(E=32, H=4, batch_first=False, seed=0):
     return mha, AdjacencyMultiheadAttention.from_module(mha)
 
 
-def _decoder_inputs(L, B, E, batch_first, seed=0):
+def _decoder_inputs(L, B, E, batch_first, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     shape = (B, L, E) if batch_first else (L, B, E)
-    y = torch.randn(shape, generator=g)
+    y = torch.randn(shape, generator=g).to(device)
     return y + torch.zeros_like(y), y  # q = k = y + query_pos (a different tensor from v = y)
 
 
-def _check_module(mha, fast, blocked, B=3, batch_first=False, grads=True):
+def _check_module(mha, fast, blocked, B=3, batch_first=False, grads=True, device="cpu"):
+    """``fast`` against ``mha`` (both moved to ``device``, as is the mask): outputs, weights, gradients."""
+    mha, fast, blocked = mha.to(device), fast.to(device), blocked.to(device)
     L = blocked.shape[0]
-    qk, v = _decoder_inputs(L, B, mha.embed_dim, batch_first)
+    qk, v = _decoder_inputs(L, B, mha.embed_dim, batch_first, device=device)
     with torch.no_grad():
         for average in (True, False):
             want = mha(qk, qk, v, attn_mask=blocked, average_attn_weights=average)
@@ -693,7 +695,10 @@ def test_from_module_rejects_other_modules():
         AdjacencyMultiheadAttention.from_module(nn.Linear(4, 4))
 
 
-# ------------------------------------------------------------------------------ Triton (interpreter)
+# ------------------------------------------------------------------ Triton (CUDA tensors, or the interpreter)
+
+COMPILED_ONLY = pytest.mark.skipif(backend.triton_interpret(), reason="too slow for the Triton interpreter")
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_triton_forward_backward(triton_backend, dtype):
@@ -701,12 +706,12 @@ def test_triton_forward_backward(triton_backend, dtype):
     blocked = prefix_mask(allowed, prefix=5)  # 48 tokens: a 5-wide dense prefix block and 5 dense rows
     table = aa.neighbour_table(blocked, dense_row_degree=24)
     assert table.shared.numel() == 5 and table.dense_rows.numel() == 5
-    assert backend.choose(aa.OP, "cpu") == "triton"
-    q, k, v = [t.detach().requires_grad_() for t in qkv_views(2, 2, 48, 12, dtype)]  # d=12: masked dims
+    assert backend.choose(aa.OP, triton_backend) == "triton"
+    q, k, v = [t.detach().requires_grad_() for t in qkv_views(2, 2, 48, 12, dtype, device=triton_backend)]  # d=12
     out = aa.adjacency_attention(q, k, v, table)
     want = reference(q, k, v, blocked)
     torch.testing.assert_close(out, want, atol=TOL[dtype][0], rtol=TOL[dtype][1])
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype).to(triton_backend)
     got = torch.autograd.grad(out, (q, k, v), grad)
     ref = torch.autograd.grad(want, (q, k, v), grad)
     for g, w in zip(got, ref):
@@ -741,7 +746,7 @@ def test_triton_grid_puts_batch_times_heads_on_axis_0(triton_backend, monkeypatc
 
     monkeypatch.setattr(aa, "_forward_kernel", Capture())
     blocked = ~torch.eye(40, dtype=torch.bool)
-    q = k = v = torch.randn(3, 5, 40, 8)
+    q = k = v = torch.randn(3, 5, 40, 8, device=triton_backend)
     with pytest.raises(InterruptedError):
         aa.adjacency_attention(q, k, v, aa.neighbour_table(blocked))
     assert grids[0][0] == 3 * 5 and grids[0][1] <= 40
@@ -752,7 +757,17 @@ def test_triton_module(triton_backend):
     blocked = ~random_graph(80, 0.03, 14, ("leaf",))
     qk, v = _decoder_inputs(80, 2, 32, False)
     assert fast._sparse_table(qk, qk, v, None, False, blocked, False) is not None
-    _check_module(mha, fast, blocked, B=2)
+    _check_module(mha, fast, blocked, B=2, device=triton_backend)
+
+
+@COMPILED_ONLY
+@pytest.mark.parametrize("name", ["smpl_431", "mano_195"])
+def test_triton_module_fastmetro_meshes(fastmetro_data, name, triton_backend):
+    """The released meshes' masks through the Triton kernels at the model's width (128, 8 heads), batch 32 too."""
+    blocked = fastmetro_mask(fastmetro_data, name)
+    mha, fast = _pair(E=128, H=8)
+    _check_module(mha, fast, blocked, B=2, device=triton_backend)
+    _check_module(mha, fast, blocked, B=32, grads=False, device=triton_backend)
 
 
 def test_gpu_report_configs_cover_head_dims_and_dtypes():

@@ -247,3 +247,17 @@ def test_console_script_runs():
     assert "backend per op" in proc.stdout
     proc = subprocess.run([script, "gpu-report", "--arch", "70"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "unknown arch '70'" in proc.stderr
+
+
+def test_case_bytes_give_bandwidth(fake_bench):
+    """A case's fewest bytes become each variant's GB/s (bytes over the median), shown in the table."""
+    case = harness.Case("bw", {"n": 1}, {"a": lambda: torch.ones(1000).sum(), "b": lambda: torch.ones(1000).sum()},
+                        bytes=4000)
+    rows = harness.time_case(case, torch.device("cpu"), quick=True)
+    for r in rows:
+        assert r["bytes"] == 4000 and r["gb_per_s"] == pytest.approx(4000 / (r["median_ms"] * 1e6))
+    assert "GB/s" in harness.format_table(rows)
+    assert harness.copy_bandwidth(torch.device("cpu")) is None  # measured on CUDA only
+    for bad in (0, -5, 2.5):
+        with pytest.raises(ValueError, match="bytes must be a positive int or None"):
+            harness.Case("bw", {}, dict(case.variants), bytes=bad)

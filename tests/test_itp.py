@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tore_reference
-from tore_kernels.gpu_report import KernelConfig
+from tore_kernels.ops.kernel_config import KernelConfig
 from tore_kernels.nn.itp import ImageTokenPruner
 from tore_kernels.ops import itp
 from tore_kernels.ops.itp import image_token_prune
@@ -51,11 +51,13 @@ def _case(B, C, H, W, N, dtype, seed=0):
 def _assert_close(actual, expected, dtype):
     atol, rtol = TOL[dtype]
     assert actual.dtype == dtype
-    torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=rtol)
+    torch.testing.assert_close(actual.double().cpu(), expected, atol=atol, rtol=rtol)
 
 
-def _check(B, C, H, W, N, dtype, seq_first=False):
+def _check(B, C, H, W, N, dtype, seq_first=False, device="cpu"):
+    """The op on ``device`` against the float64 reference computed on the CPU."""
     x, ref, (tokens_ref, heatmap_ref) = _case(B, C, H, W, N, dtype)
+    x, ref = x.to(device), ref.to(device)
     with torch.no_grad():
         tokens, heatmap = image_token_prune(x, *_args(ref), eps=ref.layer_norm.eps, seq_first=seq_first)
     assert tokens.shape == ((N, B, C) if seq_first else (B, N, C)) and tokens.is_contiguous()
@@ -63,20 +65,21 @@ def _check(B, C, H, W, N, dtype, seq_first=False):
     _assert_close(tokens.transpose(0, 1) if seq_first else tokens, tokens_ref, dtype)
     _assert_close(heatmap, heatmap_ref, dtype)
     # each cluster is a distribution over the H*W positions
-    torch.testing.assert_close(heatmap.double().sum(-1), torch.ones(B, N, dtype=torch.float64),
+    torch.testing.assert_close(heatmap.double().sum(-1).cpu(), torch.ones(B, N, dtype=torch.float64),
                                atol=TOL[dtype][0] * 4, rtol=0)
 
 
-def _grads(x, ref, fn, seq_first=False):
-    """Gradients of x and the six parameters through both outputs (tokens and heatmap, as in training)."""
-    leaves = [x.detach().clone().requires_grad_()] + [p.detach().clone().requires_grad_() for p in _args(ref)]
+def _grads(x, ref, fn, seq_first=False, device="cpu"):
+    """Gradients of x and the six parameters through both outputs (tokens and heatmap, as in training), computed
+    on ``device`` and returned on the CPU."""
+    leaves = [t.detach().to(device).requires_grad_() for t in [x, *_args(ref)]]
     tokens, heatmap = fn(*leaves)
     if seq_first:
         tokens = tokens.transpose(0, 1)
     g = torch.Generator().manual_seed(7)
-    loss = (tokens * torch.randn(tokens.shape, generator=g, dtype=tokens.dtype)).sum() \
-        + (heatmap * torch.randn(heatmap.shape, generator=g, dtype=heatmap.dtype)).sum() * 10
-    return torch.autograd.grad(loss, leaves)
+    loss = (tokens * torch.randn(tokens.shape, generator=g, dtype=tokens.dtype).to(device)).sum() \
+        + (heatmap * torch.randn(heatmap.shape, generator=g, dtype=heatmap.dtype).to(device)).sum() * 10
+    return [grad.cpu() for grad in torch.autograd.grad(loss, leaves)]
 
 
 def _reference_fn(ref):
@@ -105,12 +108,9 @@ def test_cpu_fp16_and_seq_first():
     _check(3, 64, 5, 3, 15, torch.float32, seq_first=True)
 
 
-@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
-def test_channels_last_and_strided_inputs(monkeypatch, backend_name):
-    if backend_name == "triton":
-        pytest.importorskip("triton")
-    monkeypatch.setenv("TORE_KERNELS_BACKEND", backend_name)
+def _check_channels_last_and_strided(device):
     x, ref, (tokens_ref, heatmap_ref) = _case(2, 32, 5, 3, 7, torch.float32)
+    x, ref = x.to(device), ref.to(device)
     args = _args(ref)
     args[2] = torch.stack([args[2], args[2]], 2).flatten(1)[:, ::2]  # a strided fc_weight
     assert not args[2].is_contiguous() and torch.equal(args[2], _args(ref)[2])
@@ -120,11 +120,20 @@ def test_channels_last_and_strided_inputs(monkeypatch, backend_name):
     _assert_close(heatmap, heatmap_ref, torch.float32)
 
 
-def test_reference_backend(monkeypatch):
+def test_channels_last_and_strided_inputs(device):
+    """The default backend of each device (cpu on CPU tensors, triton on CUDA tensors)."""
+    _check_channels_last_and_strided(device)
+
+
+def test_triton_channels_last_and_strided_inputs(triton_backend):
+    _check_channels_last_and_strided(triton_backend)
+
+
+def test_reference_backend(device, monkeypatch):
     monkeypatch.setenv("TORE_KERNELS_BACKEND", "reference")
-    assert itp.backend.choose(itp.OP, "cpu") == "reference"
-    _check(2, 32, 5, 3, 15, torch.float32)
-    _check(1, 32, 4, 4, 16, torch.float32, seq_first=True)
+    assert itp.backend.choose(itp.OP, device) == "reference"
+    _check(2, 32, 5, 3, 15, torch.float32, device=device)
+    _check(1, 32, 4, 4, 16, torch.float32, seq_first=True, device=device)
 
 
 def test_cpu_gradcheck_float64():
@@ -143,8 +152,11 @@ def test_cpu_grads_match_reference_float32():
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton (interpreted on CPU tensors without a GPU): small shapes, the interpreter is slow
+# Triton: on CUDA tensors where there is a GPU, else interpreted on CPU tensors (small shapes: it is slow)
 # ----------------------------------------------------------------------------------------------
+COMPILED_ONLY = pytest.mark.skipif(itp.backend.triton_interpret(), reason="too slow for the Triton interpreter")
+
+
 @pytest.mark.parametrize("B,C,H,W,N,dtype,seq_first", [
     (2, 32, 7, 7, 39, torch.float32, False),
     (3, 96, 5, 3, 15, torch.float32, True),     # odd C (not a multiple of 64), odd grid
@@ -152,17 +164,21 @@ def test_cpu_grads_match_reference_float32():
     (1, 32, 8, 8, 64, torch.float16, False),    # N = H*W
     (2, 64, 4, 4, 16, torch.bfloat16, True),
     (1, 32, 14, 14, 100, torch.float32, False),  # several position blocks, BLOCK_N = 128
+    (3, 20, 9, 11, 50, torch.float16, True),     # C not a multiple of 8, H*W = 99 (odd), N odd
+    pytest.param(32, 512, 7, 7, 39, torch.float32, True, marks=COMPILED_ONLY),  # TORE-FastMETRO's shape
+    pytest.param(32, 512, 7, 7, 39, torch.bfloat16, True, marks=COMPILED_ONLY),
+    pytest.param(32, 512, 7, 7, 39, torch.float16, False, marks=COMPILED_ONLY),
 ])
 def test_triton_matches_reference(triton_backend, B, C, H, W, N, dtype, seq_first):
-    assert itp.backend.choose(itp.OP, "cpu") == "triton"
-    _check(B, C, H, W, N, dtype, seq_first)
+    assert itp.backend.choose(itp.OP, triton_backend) == "triton"
+    _check(B, C, H, W, N, dtype, seq_first, device=triton_backend)
 
 
 @pytest.mark.parametrize("seq_first", [False, True])
 def test_triton_grads_match_reference(triton_backend, seq_first):
     x, ref, _ = _case(2, 32, 5, 3, 15, torch.float32)
     ours = _grads(x, ref, lambda *a: image_token_prune(*a, eps=ref.layer_norm.eps, seq_first=seq_first),
-                  seq_first)
+                  seq_first, device=triton_backend)
     expected = _grads(x, ref, _reference_fn(ref))
     for a, e in zip(ours, expected):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
@@ -181,6 +197,7 @@ def test_triton_op_opcheck():
 
 def test_triton_falls_back_beyond_its_grid(triton_backend):
     x, ref, (tokens_ref, heatmap_ref) = _case(1, 8, 17, 16, 3, torch.float32)  # H*W = 272 > 256
+    x, ref = x.to(triton_backend), ref.to(triton_backend)
     with pytest.warns(RuntimeWarning, match="H\\*W = 272"):
         tokens, heatmap = image_token_prune(x, *_args(ref))
     _assert_close(tokens, tokens_ref, torch.float32)
@@ -190,17 +207,19 @@ def test_triton_falls_back_beyond_its_grid(triton_backend):
 # ----------------------------------------------------------------------------------------------
 # module
 # ----------------------------------------------------------------------------------------------
-def test_module_loads_reference_state_dict_and_matches():
+def test_module_loads_reference_state_dict_and_matches(device):
     ref = _params(64, 24).eval()
     ours = ImageTokenPruner(64, 24, grid_size=(7, 7))
     assert set(ours.state_dict()) == set(ref.state_dict())
     ours.load_state_dict(ref.state_dict(), strict=True)
     x = torch.randn(2, 64, 7, 7)
     with torch.no_grad():
-        for a, e in zip(ours(x), ref(x)):
-            torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
-        tokens_sf, _ = ImageTokenPruner.from_model(ref, seq_first=True)(x)
-        torch.testing.assert_close(tokens_sf.transpose(0, 1), ref(x)[0], atol=1e-5, rtol=1e-5)
+        expected = ref.double()(x.double())  # exact maths on the CPU, the module on ``device``
+        ref.float()
+        for a, e in zip(ours.to(device)(x.to(device)), expected):
+            _assert_close(a, e, torch.float32)
+        tokens_sf, _ = ImageTokenPruner.from_model(ref, seq_first=True).to(device)(x.to(device))
+        _assert_close(tokens_sf.transpose(0, 1), expected[0], torch.float32)
 
 
 def test_module_from_model_copies_and_trains():

@@ -13,27 +13,35 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 UNIT = {dt: torch.finfo(dt).eps / 2 for dt in DTYPES}
 ACC_UNIT = {torch.float64: UNIT[torch.float64], torch.float32: UNIT[torch.float32],
             torch.float16: UNIT[torch.float32], torch.bfloat16: UNIT[torch.float32]}
-IMPLS = ("cpu", "reference")
 needs_extension = pytest.mark.skipif(not HAS_EXTENSION_OPS, reason="tore_kernels._C has no projection ops")
 
 
-@pytest.fixture(params=IMPLS)
-def impl(request, monkeypatch):
-    """Every test using it runs once with the C++ CPU kernels and once with the plain-torch path."""
-    if request.param == "cpu" and not HAS_EXTENSION_OPS:
+def kernel_of(device):
+    """The C++ kernel's backend name for tensors on ``device`` (cpu, or cuda), skipping where _C lacks it."""
+    if not HAS_EXTENSION_OPS:
         pytest.skip("tore_kernels._C has no projection ops")
-    monkeypatch.setenv(backend.ENV_VAR, request.param)
+    if device.type == "cuda" and not backend.HAS_EXTENSION_CUDA:
+        pytest.skip("tore_kernels._C was built without its CUDA kernels")
+    return device.type
+
+
+@pytest.fixture(params=("kernel", "reference"))
+def impl(request, device, monkeypatch):
+    """Every test using it runs on each device (see ``device``) with the C++ (CPU or CUDA) kernels and with the
+    plain-torch path; its tensors go to ``device``."""
+    name = kernel_of(device) if request.param == "kernel" else "reference"
+    monkeypatch.setenv(backend.ENV_VAR, name)
     for op in ("weak_perspective_project", "token_occupancy"):
-        assert backend.choose(op, "cpu") == request.param
-    return request.param
+        assert backend.choose(op, device) == name
+    return name
 
 
-def _inputs(lead, P, dtype, seed=0):
+def _inputs(lead, P, dtype, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     points = torch.randn(*lead, P, 3, generator=g, dtype=torch.float64).to(dtype)
     camera = torch.randn(*lead, 3, generator=g, dtype=torch.float64)
     camera[..., 0] = camera[..., 0].abs() + 0.5  # scales like a real camera's
-    return points, camera.to(dtype)
+    return points.to(device), camera.to(dtype).to(device)
 
 
 def _assert_within(actual, exact, bound, what):
@@ -52,8 +60,8 @@ SHAPES = [((), 5), ((1,), 7), ((3,), 1), ((0,), 5), ((2,), 0), ((2, 3), 17), ((4
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,P", SHAPES)
-def test_project_matches_formula(impl, dtype, lead, P):
-    points, camera = _inputs(lead, P, dtype)
+def test_project_matches_formula(impl, device, dtype, lead, P):
+    points, camera = _inputs(lead, P, dtype, device=device)
     out = weak_perspective_project(points, camera)
     assert out.shape == (*lead, P, 2) and out.dtype == dtype
     x, c = points.double(), camera.double().unsqueeze(-2)
@@ -65,8 +73,8 @@ def test_project_matches_formula(impl, dtype, lead, P):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B,P", [(1, 6890), (3, 17), (2, 0)])  # the reference cannot take B = 0
-def test_project_matches_reference(impl, dtype, B, P):
-    points, camera = _inputs((B,), P, dtype, seed=1)
+def test_project_matches_reference(impl, device, dtype, B, P):
+    points, camera = _inputs((B,), P, dtype, seed=1, device=device)
     out = weak_perspective_project(points, camera)
     ref = tore_reference.orthographic_projection(points, camera)
     if dtype in (torch.float32, torch.float64):
@@ -78,30 +86,30 @@ def test_project_matches_reference(impl, dtype, B, P):
         _assert_within(out, ref.double(), bound, "projection vs reference")
 
 
-def test_project_any_strides(impl):
-    points, camera = _inputs((4,), 33, torch.float32, seed=2)
+def test_project_any_strides(impl, device):
+    points, camera = _inputs((4,), 33, torch.float32, seed=2, device=device)
     expected = weak_perspective_project(points, camera)
     points_t = points.transpose(0, 1).contiguous().transpose(0, 1)  # [4, 33, 3] with P-major storage
     camera_t = camera.t().contiguous().t()
     assert not points_t.is_contiguous() and not camera_t.is_contiguous()
     torch.testing.assert_close(weak_perspective_project(points_t, camera_t), expected, rtol=0, atol=0)
-    wide = torch.zeros(4, 66, 5)
+    wide = torch.zeros(4, 66, 5, device=device)
     wide[:, ::2, 1:4] = points
     torch.testing.assert_close(weak_perspective_project(wide[:, ::2, 1:4], camera), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("lead,P", [((), 4), ((3,), 5), ((2, 2), 3), ((2,), 0), ((0,), 3)])
-def test_project_gradcheck(impl, lead, P):
-    points, camera = _inputs(lead, P, torch.float64, seed=3)
+def test_project_gradcheck(impl, device, lead, P):
+    points, camera = _inputs(lead, P, torch.float64, seed=3, device=device)
     points.requires_grad_(True)
     camera.requires_grad_(True)
     assert torch.autograd.gradcheck(weak_perspective_project, (points, camera))
 
 
-@needs_extension
 @pytest.mark.parametrize("lead,P", [((), 4), ((3,), 5), ((2, 2), 3)])
-def test_project_gradgradcheck(lead, P):
-    points, camera = _inputs(lead, P, torch.float64, seed=11)
+def test_project_gradgradcheck(device, lead, P):
+    kernel_of(device)
+    points, camera = _inputs(lead, P, torch.float64, seed=11, device=device)
     points.requires_grad_(True)
     camera.requires_grad_(True)
     assert torch.autograd.gradgradcheck(weak_perspective_project, (points, camera))
@@ -109,9 +117,9 @@ def test_project_gradgradcheck(lead, P):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B,P", [(3, 6890), (2, 17), (1, 1)])
-def test_project_gradients_match_reference(impl, dtype, B, P):
-    points, camera = _inputs((B,), P, dtype, seed=4)
-    grad = torch.randn(B, P, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+def test_project_gradients_match_reference(impl, device, dtype, B, P):
+    points, camera = _inputs((B,), P, dtype, seed=4, device=device)
+    grad = torch.randn(B, P, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(device)
     points.requires_grad_(True)
     camera.requires_grad_(True)
     weak_perspective_project(points, camera).backward(grad.to(dtype))
@@ -131,21 +139,21 @@ def test_project_gradients_match_reference(impl, dtype, B, P):
     assert torch.all(points.grad[..., 2] == 0)
 
 
-def test_project_grad_only_where_needed(impl):
-    points, camera = _inputs((2,), 5, torch.float64, seed=6)
+def test_project_grad_only_where_needed(impl, device):
+    points, camera = _inputs((2,), 5, torch.float64, seed=6, device=device)
     camera.requires_grad_(True)
     (gc,) = torch.autograd.grad(weak_perspective_project(points, camera).sum(), camera)
     torch.testing.assert_close(gc[:, 1:], 5 * camera.detach()[:, :1].expand(2, 2))
 
 
-@needs_extension
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
 @pytest.mark.parametrize("lead,P", [((2,), 5), ((2, 3), 4), ((1,), 0)])
-def test_project_opcheck(dtype, lead, P):
-    points, camera = _inputs(lead, P, dtype, seed=7)
+def test_project_opcheck(device, dtype, lead, P):
+    kernel_of(device)
+    points, camera = _inputs(lead, P, dtype, seed=7, device=device)
     torch.library.opcheck(torch.ops.tore_kernels.weak_perspective_project.default,
                           (points.requires_grad_(True), camera.requires_grad_(True)))
-    grad = torch.randn(*lead, P, 2, dtype=dtype)
+    grad = torch.randn(*lead, P, 2, dtype=dtype, device=device)
     torch.library.opcheck(torch.ops.tore_kernels.weak_perspective_project_backward.default,
                           (grad.requires_grad_(True), points, camera))
 
@@ -181,11 +189,11 @@ def _border_points(dtype, grid):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("grid", [(7, 7), (5, 9), (1, 1), (4, 1)])
-def test_occupancy_borders_match_reference(impl, dtype, grid):
+def test_occupancy_borders_match_reference(impl, device, dtype, grid):
     gh, gw = grid
     xs, ys = _border_points(dtype, gw), _border_points(dtype, gh)
     # Every (x, y) pair, one point per sample so each sample's grid shows exactly where that point went.
-    pts = torch.stack(torch.meshgrid(xs, ys, indexing="ij"), dim=-1).reshape(-1, 1, 2)
+    pts = torch.stack(torch.meshgrid(xs, ys, indexing="ij"), dim=-1).reshape(-1, 1, 2).to(device)
     out = token_occupancy(pts, grid)
     ref = tore_reference.token_occupancy(pts, grid)
     assert out.dtype == dtype and out.shape == (pts.shape[0], gh, gw)
@@ -197,34 +205,34 @@ def test_occupancy_borders_match_reference(impl, dtype, grid):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B,P", [(0, 5), (1, 0), (1, 1), (3, 17), (2, 6890)])
-def test_occupancy_random_match_reference(impl, dtype, B, P):
+def test_occupancy_random_match_reference(impl, device, dtype, B, P):
     g = torch.Generator().manual_seed(8)
     # A body-like blob: dense in the middle, some points outside the crop, corner cells empty.
-    pts = (torch.randn(B, P, 2, generator=g, dtype=torch.float64) * 0.3 + 0.3).to(dtype)
+    pts = (torch.randn(B, P, 2, generator=g, dtype=torch.float64) * 0.3 + 0.3).to(dtype).to(device)
     out = token_occupancy(pts, (7, 7))
     torch.testing.assert_close(out, tore_reference.token_occupancy(pts, (7, 7)), rtol=0, atol=0)
     if P == 6890:
         assert 0 < out.sum() < out.numel()  # a real mix of occupied and free cells
 
 
-def test_occupancy_formula_by_hand(impl):
+def test_occupancy_formula_by_hand(impl, device):
     # g = (p + 1) / 2 * G with G = 7: -1 -> 0 (cell 0), 0 -> 3.5 (cell 3), 0.99 -> 6.965 (cell 6), 1 -> 7 (out).
     pts = torch.tensor([[[-1.0, 0.0]], [[0.0, -1.0]], [[0.99, 0.99]], [[1.0, 0.0]], [[0.0, 1.0]],
-                        [[-1.01, 0.0]], [[math.nan, 0.0]], [[0.0, math.inf]]])
+                        [[-1.01, 0.0]], [[math.nan, 0.0]], [[0.0, math.inf]]], device=device)
     out = token_occupancy(pts, (7, 7))
-    expected = torch.zeros(8, 7, 7)
+    expected = torch.zeros(8, 7, 7, device=device)
     expected[0, 3, 0] = 1  # row = y, col = x
     expected[1, 0, 3] = 1
     expected[2, 6, 6] = 1
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     # Non-square grid: x uses grid_w, y uses grid_h.
-    out = token_occupancy(torch.tensor([[[0.5, -0.5]]]), (2, 8))
+    out = token_occupancy(torch.tensor([[[0.5, -0.5]]], device=device), (2, 8))
     assert out.shape == (1, 2, 8) and out[0, 0, 6] == 1 and out.sum() == 1
 
 
-def test_occupancy_strides_and_no_grad(impl):
+def test_occupancy_strides_and_no_grad(impl, device):
     g = torch.Generator().manual_seed(9)
-    pts = torch.rand(40, 3, 2, generator=g) * 2 - 1
+    pts = (torch.rand(40, 3, 2, generator=g) * 2 - 1).to(device)
     expected = token_occupancy(pts.transpose(0, 1).contiguous(), (7, 7))
     out = token_occupancy(pts.transpose(0, 1), (7, 7))
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
@@ -233,10 +241,10 @@ def test_occupancy_strides_and_no_grad(impl):
     assert not out.requires_grad  # a step function of the points: no gradient, by design
 
 
-@needs_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_occupancy_opcheck(dtype):
-    pts = (torch.rand(3, 11, 2) * 2.4 - 1.2).to(dtype)
+def test_occupancy_opcheck(device, dtype):
+    kernel_of(device)
+    pts = (torch.rand(3, 11, 2) * 2.4 - 1.2).to(dtype).to(device)
     torch.library.opcheck(torch.ops.tore_kernels.token_occupancy.default, (pts, 7, 7))
     torch.library.opcheck(torch.ops.tore_kernels.token_occupancy.default, (pts[:0], 5, 3))
 
@@ -275,7 +283,7 @@ def test_kernels_check_their_arguments():
 # --------------------------------------------------------------------------------------------------------------------
 # torch.compile
 
-def test_compile_fullgraph(impl):
+def test_compile_fullgraph(impl, device):
     torch._dynamo.reset()
 
     def step(points, camera):
@@ -283,7 +291,7 @@ def test_compile_fullgraph(impl):
         return x2d, token_occupancy(x2d, (7, 7))
 
     compiled = torch.compile(step, fullgraph=True)
-    points, camera = _inputs((3,), 29, torch.float32, seed=10)
+    points, camera = _inputs((3,), 29, torch.float32, seed=10, device=device)
     points.requires_grad_(True)
     camera.requires_grad_(True)
     x2d, occ = compiled(points, camera)

@@ -23,6 +23,19 @@ from tore_kernels.ops import (adjacency_attention, image_token_prune, itp_loss, 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Slow examples (Triton interpreted on CPU): a fifth of the profile's examples.
 FEW = settings(max_examples=max(4, settings.default.max_examples // 5))
+# The device whose tensors the Triton kernels take in this run (tests/conftest.py): CPU ones through the
+# interpreter where there is no GPU, CUDA ones where there is.
+TRITON_DEVICE = torch.device("cpu" if backend.triton_interpret() else "cuda")
+
+
+def on_triton_device(*tensors):
+    """``tensors`` on TRITON_DEVICE with their strides kept (views with gaps too); skips where Triton cannot run."""
+    if not backend.has_triton() or (TRITON_DEVICE.type == "cuda" and not torch.cuda.is_available()):
+        pytest.skip(f"triton cannot run here (on {TRITON_DEVICE.type} tensors in this run)")
+    if TRITON_DEVICE.type == "cpu":
+        return tensors
+    return tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=TRITON_DEVICE).copy_(t)
+                 for t in tensors)
 
 
 def unit(dtype):
@@ -280,13 +293,11 @@ def test_image_token_prune(B, C, H, W, n_frac, dtype, layout, seq_first, seed, i
        n_frac=st.floats(0, 1), layout=st.sampled_from(LAYOUTS), seq_first=st.booleans(),
        seed=st.integers(0, 2**31 - 1))
 def test_image_token_prune_triton(B, C, H, W, n_frac, layout, seq_first, seed):
-    if not (backend.has_triton() and backend.triton_interpret()):
-        pytest.skip("triton (interpreted on CPU) is not available")
     N = 1 + int(n_frac * (H * W - 1))
     ref, features, params = itp_case(B, C, H, W, N, torch.float32, seed, layout)
     with forced("triton"):
-        tokens, heatmap = image_token_prune(features, *params, eps=1e-5, seq_first=seq_first)
-    assert_itp_close(tokens, heatmap, ref, features, torch.float32, seq_first)
+        tokens, heatmap = image_token_prune(*on_triton_device(features, *params), eps=1e-5, seq_first=seq_first)
+    assert_itp_close(tokens.cpu(), heatmap.cpu(), ref, features, torch.float32, seq_first)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -413,13 +424,11 @@ def test_adjacency_attention_nan(allowed, B, H, d, dtype, seed):
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), layout=st.sampled_from(["projection", "strided"]),
        seed=st.integers(0, 2**31 - 1))
 def test_adjacency_attention_triton(allowed, B, H, d, dtype, layout, seed):
-    if not (backend.has_triton() and backend.triton_interpret()):
-        pytest.skip("triton (interpreted on CPU) is not available")
     L, S = allowed.shape
     table = neighbour_table(~allowed)
     q, k, v = qkv(B, H, L, S, d, dtype, seed, layout)
     with forced("triton"):
-        out = adjacency_attention(q, k, v, table)
+        out = adjacency_attention(*on_triton_device(q, k, v), table).cpu()
     expected = dense_attention64(q, k, v, allowed, 1 / math.sqrt(d))
     assert_within(out, expected, attention_bound(q, k, v, 1 / math.sqrt(d), dtype, expected, "triton", table),
                   "attention")

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from tore_kernels import backend
 from tore_kernels.nn.mesh import MeshSampler
 from tore_kernels.ops.upsample import mesh_upsample
 from tore_kernels.topology import default_body_mesh, from_faces
@@ -17,8 +18,13 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12
 
 
 @pytest.fixture(params=["cpu", "reference"])
-def impl(request, monkeypatch):
+def impl(request, device, monkeypatch):
+    """On each device (see ``device``; the tensors go there): the precomposed CSR chain, then the released
+    one-matrix-at-a-time products. CUDA tensors have only the latter (torch.sparse, cuSPARSE)."""
+    if request.param == "cpu" and device.type != "cpu":
+        pytest.skip("mesh_upsample has no CUDA kernel: CUDA tensors take the reference path (its own case)")
     monkeypatch.setenv("TORE_KERNELS_BACKEND", request.param)
+    assert backend.choose("mesh_upsample", device) == request.param
     return request.param
 
 
@@ -35,9 +41,9 @@ def reference_upsample(ref, x, n1=2, n2=0):
 
 
 @pytest.mark.parametrize("batch", [0, 1, 7, 32])
-def test_upsample_matches_released_loop(default_pair, impl, batch):
+def test_upsample_matches_released_loop(default_pair, impl, device, batch):
     ours, ref = default_pair
-    x = torch.randn(batch, 431, 3, generator=torch.Generator().manual_seed(batch))
+    x = torch.randn(batch, 431, 3, generator=torch.Generator().manual_seed(batch)).to(device)
     out = ours.upsample(x, n1=2, n2=0)
     assert out.shape == (batch, 6890, 3) and out.dtype == torch.float32
     if batch:
@@ -45,22 +51,25 @@ def test_upsample_matches_released_loop(default_pair, impl, batch):
         torch.testing.assert_close(ours.upsample(x[0], n1=2, n2=0), reference_upsample(ref, x[0]), **TOL[torch.float32])
 
 
-def test_each_level_and_downsample(default_pair, impl):
+def test_each_level_and_downsample(default_pair, impl, device):
     ours, ref = default_pair
-    x = torch.randn(5, 1723, 3)
+    x = torch.randn(5, 1723, 3, device=device)
     torch.testing.assert_close(ours.upsample(x), ref.upsample(x), **TOL[torch.float32])  # default 1 -> 0
-    y = torch.randn(5, 6890, 3)
+    y = torch.randn(5, 6890, 3, device=device)
     torch.testing.assert_close(ours.downsample(y), ref.downsample(y), **TOL[torch.float32])  # 0 -> 2
-    torch.testing.assert_close(ours.downsample(y, n1=0, n2=1), ref.downsample(y, n1=0, n2=1), rtol=0, atol=0)
+    # one level, one matrix, the same product on CPU; cuSPARSE picks its algorithm by the dense width (the
+    # reference multiplies each sample alone), so on CUDA the order of each row's few terms may differ
+    exact = dict(rtol=0, atol=0) if device.type == "cpu" else TOL[torch.float32]
+    torch.testing.assert_close(ours.downsample(y, n1=0, n2=1), ref.downsample(y, n1=0, n2=1), **exact)
     assert ours.upsample(x, n1=1, n2=1) is x and ours.downsample(y, n1=1, n2=1) is y
 
 
 @pytest.mark.parametrize("layout", ["transposed", "strided", "expanded"])
-def test_non_contiguous_input(default_pair, impl, layout):
+def test_non_contiguous_input(default_pair, impl, device, layout):
     ours, ref = default_pair
-    base = torch.randn(431, 6, 4)
+    base = torch.randn(431, 6, 4, device=device)
     x = {"transposed": base[..., :3].transpose(0, 1),
-         "strided": torch.randn(12, 431, 3)[::2],
+         "strided": torch.randn(12, 431, 3, device=device)[::2],
          "expanded": base[:, 0, :3].expand(6, 431, 3)}[layout]
     assert not x.is_contiguous()
     torch.testing.assert_close(ours.upsample(x, n1=2, n2=0), reference_upsample(ref, x.contiguous()),
@@ -68,9 +77,9 @@ def test_non_contiguous_input(default_pair, impl, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_dtypes(default_pair, dtype):
+def test_dtypes(default_pair, device, dtype):
     ours, ref = default_pair
-    x = torch.randn(3, 431, 3).to(dtype)
+    x = torch.randn(3, 431, 3).to(dtype).to(device)
     out = ours.upsample(x, n1=2, n2=0)
     assert out.dtype == dtype
     expected = reference_upsample(ref, x.float())
@@ -79,43 +88,43 @@ def test_dtypes(default_pair, dtype):
     torch.testing.assert_close(out, expected.to(dtype), **TOL[dtype])
 
 
-def test_gradients_match_released_loop(default_pair, impl):
+def test_gradients_match_released_loop(default_pair, impl, device):
     ours, ref = default_pair
-    x = torch.randn(4, 431, 3, requires_grad=True)
+    x = torch.randn(4, 431, 3, device=device, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
-    grad = torch.randn(4, 6890, 3)
+    grad = torch.randn(4, 6890, 3, device=device)
     (gx,) = torch.autograd.grad(ours.upsample(x, n1=2, n2=0), x, grad)
     (gr,) = torch.autograd.grad(reference_upsample(ref, x_ref), x_ref, grad)
     torch.testing.assert_close(gx, gr, **TOL[torch.float32])
 
 
-def test_gradcheck_float64(default_pair, impl):
+def test_gradcheck_float64(default_pair, impl, device):
     ours, _ = default_pair
-    x = torch.randn(2, 431, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 431, 3, dtype=torch.float64, device=device, requires_grad=True)
     # fast mode: the full Jacobian has 6890*3*2 rows; fast mode checks random projections of it
     assert torch.autograd.gradcheck(lambda v: ours.upsample(v, n1=2, n2=0), (x,), fast_mode=True)
     assert torch.autograd.gradgradcheck(lambda v: ours.upsample(v, n1=2, n2=0), (x,), fast_mode=True)
 
 
-def test_gradcheck_full_jacobian_small_chain(impl):
+def test_gradcheck_full_jacobian_small_chain(impl, device):
     """Full (slow-mode) gradcheck on a small random chain, both for [B, V, C] and [V, C] inputs."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(9, 5, generator=g).masked_fill(torch.rand(9, 5, generator=g) < 0.5, 0).to_sparse()
     b = torch.randn(11, 9, generator=g).masked_fill(torch.rand(11, 9, generator=g) < 0.5, 0).to_sparse_csr()
     for shape in [(3, 5, 2), (5, 4)]:
-        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(*shape, dtype=torch.float64, device=device, requires_grad=True)
         assert torch.autograd.gradcheck(lambda v: mesh_upsample(v, [a, b]), (x,))
         columns = x if x.dim() == 2 else x.transpose(0, 1).reshape(5, -1)  # [V, B*C]
-        expected = b.to_dense().double() @ a.to_dense().double() @ columns
+        expected = (b.to_dense().double() @ a.to_dense().double()).to(device) @ columns
         out = mesh_upsample(x, [a, b])
         if x.dim() == 3:
             out = out.transpose(0, 1).reshape(11, -1)
         torch.testing.assert_close(out, expected, **TOL[torch.float64])
 
 
-def test_cache_sees_in_place_changes(impl):
+def test_cache_sees_in_place_changes(impl, device):
     u = default_body_mesh().upsampling[1].clone()
-    x = torch.randn(2, 431, 3)
+    x = torch.randn(2, 431, 3, device=device)
     first = mesh_upsample(x, [u])
     u.mul_(2.0)  # bumps the version: the cached CSR copy must not be reused
     torch.testing.assert_close(mesh_upsample(x, [u]), 2 * first, **TOL[torch.float32])
@@ -152,18 +161,19 @@ def test_sampler_validation(default_pair):
     assert ours.num_vertices == (6890, 1723, 431) and ours.num_downsampling == 2
 
 
-def test_from_sampler_on_real_matrices(fastmetro_data, impl):
+def test_from_sampler_on_real_matrices(fastmetro_data, impl, device):
     ref = Mesh.from_fastmetro(os.path.join(fastmetro_data, "mesh_downsampling.npz"))
     ours = MeshSampler.from_sampler(ref)
     assert ours.num_vertices == (6890, 1723, 431)
-    x = torch.randn(9, 431, 3)
+    x = torch.randn(9, 431, 3, device=device)
     torch.testing.assert_close(ours.upsample(x, n1=2, n2=0), reference_upsample(ref, x), **TOL[torch.float32])
     torch.testing.assert_close(ours.upsample(x[0], n1=2, n2=1), ref.upsample(x[0], n1=2, n2=1), **TOL[torch.float32])
-    y = torch.randn(3, 6890, 3)
-    torch.testing.assert_close(ours.downsample(y), ref.downsample(y), rtol=0, atol=0)
+    y = torch.randn(3, 6890, 3, device=device)
+    exact = dict(rtol=0, atol=0) if device.type == "cpu" else TOL[torch.float32]  # as in test_each_level_and_downsample
+    torch.testing.assert_close(ours.downsample(y), ref.downsample(y), **exact)
     xg = x.clone().requires_grad_(True)
     xr = x.clone().requires_grad_(True)
-    grad = torch.randn(9, 6890, 3)
+    grad = torch.randn(9, 6890, 3, device=device)
     (gx,) = torch.autograd.grad(ours.upsample(xg, n1=2, n2=0), xg, grad)
     (gr,) = torch.autograd.grad(reference_upsample(ref, xr), xr, grad)
     torch.testing.assert_close(gx, gr, **TOL[torch.float32])

@@ -1,7 +1,8 @@
 """Ahead-of-time compilation report for every shipped Triton kernel configuration (no GPU needed).
 
 Each op module with Triton kernels defines ``gpu_report_configs() -> list[KernelConfig]``: one entry per
-configuration it can launch (block sizes, warps, stages per shape class and dtype).
+configuration it can launch (block sizes, warps, stages per shape class and dtype). ``KernelConfig`` lives with
+the kernels (``tore_kernels.ops.kernel_config``); this module only reads the configurations.
 
 ``report()`` compiles each configuration for each architecture with ``triton.compile(..., target=GPUTarget)``
 and reads from the cubin (triton's bundled ``cuobjdump``) the registers, the stack frame and the local stores
@@ -27,43 +28,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from typing import Any
+
+from .ops.kernel_config import KernelConfig  # noqa: F401  (read here, defined with the kernels)
 
 # Opt-in maximum shared memory per block (CUDA C Programming Guide, "Compute capabilities" table).
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 DEFAULT_ARCHS = (80, 86, 89, 90)
 REGISTERS_PER_BLOCK = 64 * 1024  # 32-bit registers per block on every arch above
 WARP_SIZE = 32
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    name: str                      # e.g. "itp_forward[C=512,HW=49,N=39,fp16]"
-    kernel: Any                    # the @triton.jit function
-    signature: dict[str, str]      # every argument -> Triton type ("*fp32", "i32", "fp32", "constexpr")
-    constexprs: dict[str, Any] = field(default_factory=dict)  # values of the constexpr arguments
-    num_warps: int = 4
-    num_stages: int = 2
-    # analytic cost of one launch vs the eager sequence it replaces, for the report (optional)
-    flops: int | None = None
-    bytes_fused: int | None = None
-    bytes_eager: int | None = None
-
-    def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"KernelConfig.name: expected a non-empty string, got {self.name!r}")
-        if not isinstance(self.signature, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in self.signature.items()):
-            raise TypeError(f"KernelConfig({self.name}).signature: expected dict[str, str] (argument -> Triton type)")
-        missing = [k for k, v in self.signature.items() if v == "constexpr" and k not in self.constexprs]
-        if missing:
-            raise ValueError(f"KernelConfig({self.name}).constexprs: no value for constexpr argument(s) {missing}")
-        if self.num_warps not in (1, 2, 4, 8, 16, 32):
-            raise ValueError(f"KernelConfig({self.name}).num_warps: expected a power of two in 1..32, "
-                             f"got {self.num_warps!r}")
-        if not isinstance(self.num_stages, int) or self.num_stages < 1:
-            raise ValueError(f"KernelConfig({self.name}).num_stages: expected an int >= 1, got {self.num_stages!r}")
 
 
 def op_module_names() -> list[str]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ..gpu_report import KernelConfig
+from .kernel_config import KernelConfig
 from .linear import derived_weight
 
 OP = "adjacency_attention"

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from ..gpu_report import KernelConfig
+from .kernel_config import KernelConfig
 
 OP = "image_token_prune"
 backend.register(OP, reference=None, cpu=None, triton="triton")
@@ -323,6 +323,12 @@ def _ieee_dot(dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and backend.triton_interpret())
 
 
+def _launchable(kernel):
+    """``wrap_triton(kernel)`` (so that torch.compile traces the launch); an interpreted kernel (TRITON_INTERPRET=1)
+    as it is: torch 2.11's wrap_triton refuses those (later versions pass them through), and nothing traces them."""
+    return kernel if backend.triton_interpret() else wrap_triton(kernel)
+
+
 def _triton_forward(x, cw, cb, fw, fb, lw, lb, eps, seq_first):
     B, C, H, W = x.shape
     N, HW = fw.shape[0], H * W
@@ -334,9 +340,9 @@ def _triton_forward(x, cw, cb, fw, fb, lw, lb, eps, seq_first):
     ieee = _ieee_dot(x.dtype)
     c1 = _logits_config(HW, N, x.dtype)
     grid1 = (B, triton.cdiv(HW, c1["BLOCK_P"]))  # batch on axis 0 (up to 2**31 - 1 programs)
-    wrap_triton(_itp_logits_kernel)[grid1](x, cw, cb, fw, fb, logits, C, C // 4, H, W, N, IEEE=ieee, **c1)
+    _launchable(_itp_logits_kernel)[grid1](x, cw, cb, fw, fb, logits, C, C // 4, H, W, N, IEEE=ieee, **c1)
     c2 = _project_config(HW, x.dtype)
-    wrap_triton(_itp_project_norm_kernel)[(B,)](logits, x, lw, lb, heatmap, tokens, C, HW, N, stride_tb,
+    _launchable(_itp_project_norm_kernel)[(B,)](logits, x, lw, lb, heatmap, tokens, C, HW, N, stride_tb,
                                                 stride_tn, eps, IEEE=ieee, **c2)
     return tokens, heatmap
 

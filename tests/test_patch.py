@@ -106,7 +106,7 @@ def test_patch_matches_eager_and_unpatch_restores_exactly(kind, topo, features):
 @pytest.mark.filterwarnings("ignore:TORE_KERNELS_BACKEND=triton cannot run mesh_upsample")
 def test_patch_matches_eager_through_triton_kernels(topo, features, triton_backend):
     # the fused ITP and the mesh-mask attention through their Triton kernels (interpreted when there is no GPU)
-    model = build("tore_itp", topo)
+    model, features = build("tore_itp", topo).to(triton_backend), features.to(triton_backend)
     with torch.no_grad():
         ref = outputs(model, features)
         assert_close_all(outputs(patch(model), features), ref, **TOL)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tore_kernels.backbone import _sequential_top_forward, backbone_forwards
+from tore_kernels.patch.backbone import _sequential_top_forward, backbone_forwards
 from tore_kernels.patch import _patched_class
 
 

@@ -62,6 +62,8 @@ def test_autograd_takes_f_linear():
 
 
 @packs
+@pytest.mark.skipif(not lin.bf16_native(), reason="this CPU has no native bf16: bf16 weights are not packed "
+                    "(test_bf16_not_packed_without_native_bf16)")
 def test_bf16_autocast_and_inference_mode():
     g = torch.Generator().manual_seed(2)
     w, b = torch.nn.Parameter(torch.randn(32, 64, generator=g)), torch.nn.Parameter(torch.randn(32, generator=g))
@@ -82,3 +84,32 @@ def test_without_onednn_is_f_linear():
     w, x = torch.randn(8, 4), torch.randn(3, 4)
     with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
         assert torch.equal(lin.linear(x, w, relu=True), F.linear(x, w).relu())
+
+
+@packs
+def test_bf16_not_packed_without_native_bf16(monkeypatch):
+    # where oneDNN would refuse to pack bf16 weights ("bf16 path needs the cpu support avx_ne_convert or
+    # avx512bw..."), linear runs F.linear under autocast (bf16 emulated, as torch does) and packs only fp32
+    monkeypatch.setattr(lin, "bf16_native", lambda: False)
+    g = torch.Generator().manual_seed(4)
+    w, b = torch.nn.Parameter(torch.randn(32, 64, generator=g)), torch.nn.Parameter(torch.randn(32, generator=g))
+    x = torch.randn(10, 64, generator=g)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lin.linear(x, w, b, relu=True)
+        want = F.linear(x, w, b).relu()
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert not [k for k in lin._DERIVED if k[0] == id(w) and "bfloat16" in k[1]]
+    with torch.no_grad():
+        lin.linear(x, w, b)  # fp32 still packs
+    assert _packed_entries(w)
+
+
+def test_traceable_under_compile():
+    # under torch.compile linear is F.linear (inductor packs weights itself): it compiles with fullgraph=True and
+    # gives F.linear's numbers, where the packed oneDNN op failed ("weight must be a graph constant")
+    g = torch.Generator().manual_seed(5)
+    w, b = torch.nn.Parameter(torch.randn(24, 16, generator=g)), torch.nn.Parameter(torch.randn(24, generator=g))
+    x = torch.randn(3, 16, generator=g)
+    compiled = torch.compile(lambda t: lin.linear(t, w, b, rows=(4, 20), relu=True), fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), F.linear(x, w[4:20], b[4:20]).relu(), rtol=1e-5, atol=1e-5)

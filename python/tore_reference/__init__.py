@@ -9,3 +9,4 @@ from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLay
                           TransformerEncoderLayer, build_transformer)
 from .fastmetro import FastMETROHead, ToreFastMETROHead, vertex_attention_mask
 from .metro import ToreMETROHead
+from . import released

@@ -23,11 +23,17 @@ OPEN_TABLE_MAX_KEYS = 16
 def few_keys_table(num_queries: int, num_keys: int, dtype: torch.dtype, device: torch.device):
     """The all-open neighbour table when unmasked attention to ``num_keys`` keys is faster through the CPU kernel
     than through SDPA (fp32, or bf16 where the AVX-512 kernel runs), else None."""
+    if torch.compiler.is_compiling():  # SDPA, which inductor traces, rather than a graph break for the table
+        return None
     fast_dtype = dtype == torch.float32 or (dtype == torch.bfloat16
                                             and torch.backends.cpu.get_cpu_capability() == "AVX512")
     if num_keys > OPEN_TABLE_MAX_KEYS or not fast_dtype or backend.choose(OP, device) != "cpu":
         return None
     return open_table(num_queries, num_keys, device)
+
+
+# under torch.compile the mask's table (a cache keyed on the mask tensor) is looked up outside the graph
+_table_or_none_untraced = torch.compiler.disable(table_or_none)
 
 
 class AdjacencyMultiheadAttention(nn.MultiheadAttention):
@@ -99,7 +105,8 @@ class AdjacencyMultiheadAttention(nn.MultiheadAttention):
         else:
             if tuple(attn_mask.shape) != (L, S) or (attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype):
                 return None
-            table = table_or_none(attn_mask)  # raises for a row that allows no key (a broken topology)
+            table = (_table_or_none_untraced if torch.compiler.is_compiling() else table_or_none)(
+                attn_mask)  # raises for a row that allows no key (a broken topology)
             if table is None or table.width * 4 > S or table.dense_rows.numel() * 8 > L:
                 return None
         if need_weights and not self.skip_unused_weights and torch.is_grad_enabled() and (
@@ -128,7 +135,7 @@ class AdjacencyMultiheadAttention(nn.MultiheadAttention):
 
     def _sparse_forward(self, query, key, value, table, need_weights, average_attn_weights):
         """(output, weights or None) through the kernel, for inputs ``_sparse_table`` accepted."""
-        if not need_weights:
+        if not need_weights and not torch.compiler.is_compiling():  # its shape predicate is not traceable
             views = (query, key, value) if self.batch_first else (t.transpose(0, 1) for t in (query, key, value))
             y = mha_inference(*views, table, self.num_heads, self.in_proj_weight, self.in_proj_bias,
                               self.out_proj.weight, self.out_proj.bias)

@@ -2,6 +2,8 @@
 batched into one sparse product per call instead of a Python loop over samples."""
 from __future__ import annotations
 
+import torch
+
 from ..ops.upsample import mesh_upsample
 from ..topology import MeshTopology
 
@@ -65,11 +67,19 @@ class MeshSampler:
         self._levels("upsample", n2, n1)
         if n1 <= n2:  # nothing to apply (the released loop is empty too)
             return x
-        return mesh_upsample(x, [self._U[i] for i in reversed(range(n2, n1))])
+        return _apply(x, [self._U[i] for i in reversed(range(n2, n1))])
 
     def downsample(self, x, n1: int = 0, n2: int | None = None):
         n2 = self.num_downsampling if n2 is None else n2
         self._levels("downsample", n1, n2)
         if n2 <= n1:
             return x
-        return mesh_upsample(x, [self._D[i] for i in range(n1, n2)])
+        return _apply(x, [self._D[i] for i in range(n1, n2)])
+
+
+def _apply(x, matrices):
+    # torch.compile cannot trace sparse matrices (nor the cached chain of them): the product runs outside the graph
+    return (_mesh_upsample_untraced if torch.compiler.is_compiling() else mesh_upsample)(x, matrices)
+
+
+_mesh_upsample_untraced = torch.compiler.disable(mesh_upsample)

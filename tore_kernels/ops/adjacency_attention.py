@@ -170,12 +170,14 @@ def table_or_none(mask: torch.Tensor) -> NeighbourTable | None:
 
 @functools.lru_cache(maxsize=64)
 def open_table(num_queries: int, num_keys: int, device: torch.device) -> NeighbourTable:
-    """The table of an all-open ``[L, S]`` mask: every key shared by every query (no index columns)."""
-    return NeighbourTable(torch.zeros(num_queries, 0, dtype=torch.int32, device=device),
-                          torch.zeros(num_queries, dtype=torch.int32, device=device),
-                          torch.arange(num_keys, dtype=torch.int32, device=device),
-                          torch.zeros(0, dtype=torch.long, device=device),
-                          torch.zeros(0, num_keys, dtype=torch.bool, device=device), num_keys)
+    """The table of an all-open ``[L, S]`` mask: every key shared by every query (no index columns). Normal
+    tensors even when first built under inference_mode: a later call with autograd saves them for backward."""
+    with torch.inference_mode(False):
+        return NeighbourTable(torch.zeros(num_queries, 0, dtype=torch.int32, device=device),
+                              torch.zeros(num_queries, dtype=torch.int32, device=device),
+                              torch.arange(num_keys, dtype=torch.int32, device=device),
+                              torch.zeros(0, dtype=torch.long, device=device),
+                              torch.zeros(0, num_keys, dtype=torch.bool, device=device), num_keys)
 
 
 # ----------------------------------------------------------------------------------------------- C++ op

@@ -7,10 +7,14 @@ linear takes a weight reordered once (``torch.ops.mkldnn._reorder_linear_weight`
 ReLU. The packed copy is derived data: it lives outside the module (no state_dict change), is rebuilt when the
 parameter changes (its version counter or storage), and dies with the parameter or with ``unpatch`` (it doubles
 the memory of the linears' weights meanwhile). It is used only where autograd does not need the linear (no grad
-mode, or no input requiring grad): training runs ``F.linear`` unchanged.
+mode, or no input requiring grad): training runs ``F.linear`` unchanged. Under ``torch.compile`` it is
+``F.linear`` too: inductor packs the weights itself (``torch._inductor.config.freezing``), and the packed copy is
+not a graph constant it could trace. bf16 weights are packed only where the CPU computes bf16 natively
+(:func:`bf16_native`): elsewhere oneDNN refuses to pack them.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -25,7 +29,10 @@ _DERIVED: dict[tuple[int, str], tuple] = {}  # (id(parameter), tag) -> (weakref,
 def derived_weight(weight: torch.Tensor, tag: str, make, depends=()):
     """``make(weight.detach())``, computed once per version of ``weight`` (and of each tensor in ``depends``, which
     ``make`` also reads: e.g. the BatchNorm folded into a conv) and cached under ``tag``. The result is a normal
-    tensor even when first built under ``torch.inference_mode`` (a later training step may use it)."""
+    tensor even when first built under ``torch.inference_mode`` (a later training step may use it).
+    Under torch.compile it runs outside the graph (a cache keyed on identities would recompile per parameter)."""
+    if torch.compiler.is_compiling():
+        return _derived_weight_untraced(weight, tag, make, depends)
     key, i = tuple((t._version, t.data_ptr()) for t in (weight, *depends)), id(weight)
     hit = _DERIVED.get((i, tag))
     if hit is None or hit[0]() is not weight or hit[1] != key:
@@ -35,12 +42,28 @@ def derived_weight(weight: torch.Tensor, tag: str, make, depends=()):
     return hit[2]
 
 
+_derived_weight_untraced = torch.compiler.disable(derived_weight)
+
+
 def drop_derived(tensors) -> None:
     """Forget the cached derived copies of ``tensors`` (e.g. a model's parameters after ``unpatch``)."""
     live = {id(t): t for t in tensors}
     for key, hit in list(_DERIVED.items()):
         if key[0] in live and hit[0]() is live[key[0]]:
             _DERIVED.pop(key, None)
+
+
+def bf16_native() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16, AMX or AVX-NE-CONVERT, as oneDNN reports it). Where
+    it does not, oneDNN emulates bf16 (tens of times slower than fp32) and refuses to pack bf16 weights. The one
+    place that decides, for ``linear`` and ``patch(dtype=torch.bfloat16)``; tests fake it."""
+    return _cpu_bf16()
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_bf16() -> bool:
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(torch.backends.mkldnn.is_available() and check is not None and check())
 
 
 def _bf16_autocast() -> bool:
@@ -52,7 +75,8 @@ def _packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
             and x.shape[-1] == weight.shape[1] and weight.dtype in (torch.float32, torch.bfloat16)
             and x.dtype in (torch.float32, torch.bfloat16)
             and (x.dtype == weight.dtype or _bf16_autocast()) and (bias is None or bias.dtype == weight.dtype)
-            and _ONEDNN and torch.backends.mkldnn.enabled and not x.is_mkldnn
+            and _ONEDNN and torch.backends.mkldnn.enabled and not x.is_mkldnn and not torch.compiler.is_compiling()
+            and ((weight.dtype != torch.bfloat16 and not _bf16_autocast()) or bf16_native())
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad))))
 

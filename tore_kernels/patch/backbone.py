@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tore_kernels.ops.linear import derived_weight
+from ..ops.linear import derived_weight
 
 __all__ = ["backbone_forwards"]
 

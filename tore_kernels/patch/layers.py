@@ -1,0 +1,156 @@
+"""The eval-mode layer forwards that patch installs (each as a per-instance subclass's ``forward``): the released
+pre-norm transformer layers of FastMETRO / TORE, METRO's BERT self-attention, and the packed-weight linear.
+Each runs the module's own forward where it does not apply (training with dropout, masks it does not know)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..nn.attention import AdjacencyMultiheadAttention, few_keys_table
+from ..ops.linear import linear
+
+
+def base_forward(module):
+    """The forward of the class ``patch`` subclassed (the released code's)."""
+    return type(module).__bases__[0].forward
+
+
+def adjacency_attention(mha):
+    """An AdjacencyMultiheadAttention that holds ``mha``'s own Parameter objects and out_proj module."""
+    new = AdjacencyMultiheadAttention.from_module(mha, skip_unused_weights=True)
+    for name, p in mha._parameters.items():
+        new._parameters[name] = p
+    new._modules["out_proj"] = mha.out_proj
+    return new
+
+
+def broadcast(x):
+    """True when ``x [L, B, E]`` is one sample broadcast over the batch (a stride-0 batch axis)."""
+    return x.dim() == 3 and x.shape[1] > 1 and x.stride(1) == 0
+
+
+def _linear(x, weight, bias, rows=None):
+    """:func:`~tore_kernels.ops.linear.linear` (packed weights in inference), once for a batch-broadcast ``x``."""
+    if broadcast(x):
+        return linear(x[:, :1], weight, bias, rows=rows).expand(-1, x.shape[1], -1)
+    return linear(x, weight, bias, rows=rows)
+
+
+def _attend(mha, query, key, value, attn_mask=None):
+    """``mha(query, key, value, attn_mask=attn_mask)[0]`` in eval mode. Masked calls go to the module (the
+    neighbour-list kernel). Dense ones run SDPA on views of the in-projection (packed when inputs coincide; once for
+    a batch-broadcast query) and out-project the ``[L, B, H, d]`` result as it is: no mask merging, no head-averaged
+    weights, no copies. On CPU, at most ``OPEN_TABLE_MAX_KEYS`` keys run the kernel with every key shared instead,
+    out-projected in the same op. Returns ``[L, B, E]``."""
+    if attn_mask is not None or mha.training or not mha._qkv_same_embed_dim or mha.bias_k is not None \
+            or mha.add_zero_attn or mha.batch_first or mha.in_proj_bias is None:
+        return mha(query, key, value=value, attn_mask=attn_mask)[0]
+    E, H = mha.embed_dim, mha.num_heads
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    if query is key and key is value:
+        q, k, v = _linear(query, w, b).unflatten(-1, (3, H, -1)).unbind(-3)
+    else:
+        q = _linear(query, w, b, rows=(0, E)).unflatten(-1, (H, -1))
+        if key is value:
+            k, v = _linear(key, w, b, rows=(E, 3 * E)).unflatten(-1, (2, H, -1)).unbind(-3)
+        else:
+            k = _linear(key, w, b, rows=(E, 2 * E)).unflatten(-1, (H, -1))
+            v = _linear(value, w, b, rows=(2 * E, 3 * E)).unflatten(-1, (H, -1))
+    if q.shape[1] != k.shape[1]:  # a broadcast query over per-sample keys
+        q = q.expand(-1, k.shape[1], -1, -1)
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [B, H, L|S, d] views
+    table = few_keys_table(q.shape[2], k.shape[2], q.dtype, q.device)
+    if table is not None and isinstance(mha, AdjacencyMultiheadAttention):  # the NSR's cross-attention to 14 joints
+        return mha._attend_projected(q, k, v, table)[0]  # the kernel, every key shared
+    out = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, d]
+    # SDPA writes in q's memory order, the projection's [L, B, H, d]: a free view (a copy for a broadcast q)
+    return linear(out.permute(2, 0, 1, 3).flatten(2), mha.out_proj.weight, mha.out_proj.bias)
+
+
+def _mlp(layer, x, norm):
+    relu = layer.activation is F.relu  # fused into the packed linear in inference
+    h = linear(norm(x), layer.linear1.weight, layer.linear1.bias, relu=relu)
+    return linear(h if relu else layer.activation(h), layer.linear2.weight, layer.linear2.bias)
+
+
+def _add(x, y, own):
+    """``x + y``, in place when ``x`` is a tensor this forward made and autograd does not need it."""
+    return x.add_(y) if own and not torch.is_grad_enabled() else x + y
+
+
+def encoder_layer_forward(self, src, src_mask=None, src_key_padding_mask=None, pos=None):
+    """The released pre-norm encoder layer (eval mode, no masks; otherwise the released forward runs)."""
+    if self.training or src_mask is not None or src_key_padding_mask is not None:
+        return base_forward(self)(self, src, src_mask=src_mask,
+                                               src_key_padding_mask=src_key_padding_mask, pos=pos)
+    y = self.norm1(src)
+    q = y if pos is None else torch.cat([y[:1], y[1:] + pos], dim=0)  # the camera token gets no position
+    x = src + _attend(self.self_attn, q, q, y)
+    return _add(x, _mlp(self, x, self.norm2), True)
+
+
+def decoder_layer_forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                          memory_key_padding_mask=None, pos=None, query_pos=None):
+    """The released pre-norm decoder layer (eval mode; otherwise the released forward runs). When its queries
+    are one set of embeddings broadcast over the batch (a stride-0 batch axis: the fused forward passes the joint
+    and vertex tokens so) and ``query_pos`` is the same for every sample, the self-attention block sees identical tokens in every
+    sample: it runs on one and is broadcast (at batch 32 this saves 31/32 of the first layer's 431-token
+    self-attention), and so does the cross-attention's query projection."""
+    if (self.training or memory_mask is not None or tgt_key_padding_mask is not None
+            or memory_key_padding_mask is not None):
+        return base_forward(self)(self, tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                                               tgt_key_padding_mask=tgt_key_padding_mask,
+                                               memory_key_padding_mask=memory_key_padding_mask, pos=pos,
+                                               query_pos=query_pos)
+    shared = broadcast(tgt) and (query_pos is None or (not torch.compiler.is_compiling() and torch.equal(
+        query_pos, query_pos[:, :1].expand_as(query_pos))))  # a data-dependent check: not under compile
+    t, qp = (tgt[:, :1], None if query_pos is None else query_pos[:, :1]) if shared else (tgt, query_pos)
+    y = self.norm1(t)
+    q = y if qp is None else y + qp
+    t = t + _attend(self.self_attn, q, q, y, attn_mask=tgt_mask)
+    query = self.norm2(t) if qp is None else self.norm2(t) + qp
+    if shared:
+        query, t = query.expand(-1, tgt.shape[1], -1), t.expand(-1, tgt.shape[1], -1)
+    t = t + _attend(self.multihead_attn, query, memory if pos is None else memory + pos, memory)
+    return _add(t, _mlp(self, t, self.norm3), True)
+
+
+def transformer_forward(self, img_features, cam_token, jv_tokens, pos_embed, attention_mask=None):
+    """The released ``Transformer.forward`` in eval mode without its all-False key-padding masks and all-zero
+    ``query_pos`` (no-ops that cost a mask merge per attention call and two additions per decoder layer)."""
+    if self.training:
+        return base_forward(self)(self, img_features, cam_token, jv_tokens, pos_embed,
+                                               attention_mask=attention_mask)
+    x = torch.cat([cam_token, img_features], dim=0)
+    for layer in self.encoder.layers:
+        x = layer(x, pos=pos_embed)
+    memory = x if self.encoder.norm is None else self.encoder.norm(x)
+    cam_features, enc_img_features = memory.split([1, img_features.shape[0]], dim=0)
+    t = jv_tokens
+    for layer in self.decoder.layers:
+        t = layer(t, enc_img_features, tgt_mask=attention_mask, pos=pos_embed)
+    return cam_features, enc_img_features, t if self.decoder.norm is None else self.decoder.norm(t)
+
+
+
+
+def packed_linear_forward(self, input):
+    return linear(input, self.weight, self.bias)
+
+
+def bert_self_attention_forward(self, hidden_states, attention_mask=None, head_mask=None, *args, **kwargs):
+    """METRO's BERT self-attention (query / key / value linears, scores plus the additive mask, softmax, context
+    ``[B, L, H * d]``, returned as a 1-tuple) as one SDPA call on packed projections. Exact where nothing else
+    runs between the softmax and the product: no attention dropout in effect, no head_mask, no attention
+    probabilities wanted (``output_attentions``), no ``history_state``; otherwise the released forward runs."""
+    if (head_mask is not None or self.output_attentions or (self.training and self.dropout.p > 0)
+            or hidden_states.dim() != 3 or any(a is not None for a in args)
+            or any(v is not None for v in kwargs.values())):
+        return base_forward(self)(self, hidden_states, attention_mask, head_mask, *args, **kwargs)
+    heads = self.num_attention_heads
+    q, k, v = (linear(hidden_states, m.weight, m.bias).unflatten(-1, (heads, -1)).transpose(1, 2)
+               for m in (self.query, self.key, self.value))  # [B, H, L, d] views
+    if attention_mask is not None and not torch.compiler.is_compiling() and not bool(attention_mask.any()):
+        attention_mask = None  # METRO's all-zero additive mask: SDPA's maskless (flash) kernel
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # the release's 1 / sqrt(d) scale
+    return (context.transpose(1, 2).flatten(2),)

@@ -246,3 +246,32 @@ def test_torchvision_resnet50_trunk():
     assert sum(f.__name__ == "_bottleneck_forward" for _, f in plan) == 16
     eps = torch.finfo(torch.float32).eps
     assert fast_err <= max(4 * eager_err, 64 * eps * scale), (fast_err, eager_err, scale)
+
+
+@pytest.mark.parametrize("trunk", ["small_backbone", "resnet trunk"])
+def test_patch_reaches_the_released_networks_backbone(trunk):
+    from tore_kernels.patch import patch, patch_report, unpatch
+    from tore_reference import released
+
+    torch.manual_seed(0)
+    backbone = (released.small_backbone(64, stride=8) if trunk == "small_backbone"
+                else nn.Sequential(*list(ResNet().children())[:-2]))
+    model = released.nontrivial_norms(released.build_tore_fastmetro(tiny=True, backbone=backbone)).eval()
+    images = released.example_images(2, tiny=True) if trunk == "small_backbone" else torch.randn(2, 3, 224, 224)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = model(images)
+        fast = patch(copy.deepcopy(model))
+        kept = patch(copy.deepcopy(model), backbone=False)
+        out, out_kept = fast(images), kept(images)
+    assert any(path == "backbone" for path, _, _ in patch_report(fast).swapped)
+    assert type(fast.backbone).forward is _sequential_top_forward
+    assert all(type(m).__module__ != "tore_kernels.patch.backbone" and "tore" not in type(m).forward.__module__
+               for m in kept.backbone.modules())  # backbone=False: nothing under model.backbone is touched
+    for o, o_kept, r in zip(out, out_kept, ref):
+        scale = float(r.abs().max())
+        assert torch.allclose(o, r, atol=1e-4 * scale, rtol=1e-4), float((o - r).abs().max()) / scale
+        assert torch.allclose(o_kept, r, atol=1e-4 * scale, rtol=1e-4)
+    assert all(torch.equal(fast.state_dict()[k], v) for k, v in state.items())
+    unpatch(fast)
+    assert type(fast.backbone) is nn.Sequential

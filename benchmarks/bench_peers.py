@@ -52,6 +52,8 @@ class _ToCoarse(nn.Module):
 
 
 def _flat(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
     return list(out.values()) if isinstance(out, dict) else list(out)
 
 
@@ -163,11 +165,11 @@ def _error(out, ref) -> float:
 
 def _checked(fn, ref):
     """``fn`` if its outputs agree with ``ref`` (and the note saying how closely), else a variant that fails."""
-    try:
-        with torch.no_grad():
+    with torch.no_grad():
+        try:
             err = _error(fn(), ref)
-    except Exception as exc:
-        return Skipped(f"{type(exc).__name__}: {exc}"[:200]), ""
+        except Exception:  # a variant that cannot run fails its row (timing it reports the error)
+            return fn, ""
     if not err <= TOLERANCE:
         def disagrees():
             raise AssertionError(f"outputs differ from eager by {err:.3g} of their range (> {TOLERANCE})")
@@ -213,3 +215,32 @@ def peers(device, quick):
                     variants[runtime_name] = variant
                 variants["patched"], notes["patched"] = _checked(_no_grad(patched, x), ref)
                 yield Case("peers", {"model": name, "batch": batch}, variants, reps=REPS, notes=notes)
+
+
+@entry("backbone")
+def backbone(device, quick):
+    """torchvision's ResNet-50 trunk alone (the release's backbone): eager, eager on channels_last tensors,
+    ``torch.jit.freeze`` of that (TorchScript's conv + BatchNorm folding), and ``patch``'s backbone forwards."""
+    trunk = _resnet50()
+    if isinstance(trunk, str) or device.type != "cpu":
+        reason = trunk if isinstance(trunk, str) else "CPU only"
+        yield Case("backbone", {"model": "ResNet-50"}, {"eager": lambda: None, "patched": Skipped(reason)})
+        return
+    from tore_kernels.patch import _patched_class
+    from tore_kernels.patch.backbone import backbone_forwards
+
+    channels_last = copy.deepcopy(trunk).to(memory_format=torch.channels_last)
+    frozen = torch.jit.freeze(torch.jit.script(copy.deepcopy(channels_last)))
+    patched = copy.deepcopy(trunk)
+    for module, forward in backbone_forwards(patched):  # what patch(model) applies to model.backbone
+        module.__class__ = _patched_class(type(module), forward)
+    for batch in ((1,) if quick else (1, 32)):
+        x = torch.randn(batch, 3, 224, 224)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            ref = trunk(x)
+        variants, notes = {"eager": _no_grad(trunk, x)}, {}
+        for name, fn in (("channels_last", _no_grad(channels_last, x_cl)), ("jit.freeze", _no_grad(frozen, x_cl)),
+                         ("patched", _no_grad(patched, x))):
+            variants[name], notes[name] = _checked(fn, [ref])
+        yield Case("backbone", {"model": "ResNet-50", "batch": batch}, variants, reps=REPS, notes=notes)

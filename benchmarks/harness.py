@@ -299,7 +299,7 @@ def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
 
 
 # entries drawn first, in this order (the comparisons a reader looks for); the others follow in run order
-HEADLINE_ENTRIES = ("peers", "head")
+HEADLINE_ENTRIES = ("peers", "head", "backbone")
 
 
 def _grouped(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:

@@ -45,3 +45,12 @@ def test_exported_part_plus_batched_upsampling_gives_the_network_outputs():
         ref, part = model(x), coarse.eval()(x)
     assert len(part) == 4 and part[2].shape == (2, 431, 3)  # cam, joints, coarse vertices, heatmap
     assert bench_peers._error(full(*part), ref) < 1e-5
+
+
+def test_a_variant_that_raises_fails_its_row_and_tensors_compare_whole():
+    def broken():
+        raise RuntimeError("no kernel")
+    fn, note = bench_peers._checked(broken, [torch.ones(3)])
+    with pytest.raises(RuntimeError, match="no kernel"):
+        fn()
+    assert note == "" and bench_peers._error(torch.ones(2, 3), [torch.ones(2, 3)]) == 0.0

@@ -1,43 +1,70 @@
-"""The whole TORE-FastMETRO head after the backbone (ITP, three transformers, NSR, regressors, upsampling):
-the eager model as built by tore_reference vs the same instance after ``tore_kernels.patch``. Default sizes:
-2048 backbone channels, model size L, ITP keep ratio 0.8 on a 7x7 grid, on the generated default body mesh;
-eval mode, no_grad; fp32, plus ``patch(dtype=torch.bfloat16)``. ``gemm``: a plain fp32 vs bf16 matmul."""
+"""The released networks (``tore_reference.released``: images in, their own backbone, released forwards) eager vs
+the same instance after ``tore_kernels.patch`` (fp32, and ``dtype=torch.bfloat16`` where the CPU has native
+bf16), and, for the head, vs ``torch.compile`` of the patched model. Two rows per network and batch: the backbone
+included (torchvision's ResNet-50 when torchvision is installed, else a small random ResNet-style CNN, named in the row),
+and an identity backbone over precomputed ``[B, 2048, 7, 7]`` features (the head alone). TORE-FastMETRO-L ITP+GTR,
+FastMETRO-L body, TORE-METRO (its NSR ``transformer_3`` after METRO's encoder) and METRO (its 445-token BERT
+encoder); released L sizes, random weights, eval mode, no_grad. ``gemm``: a plain fp32 vs bf16 matmul."""
 import copy
 
 import torch
+from torch import nn
 
+from tore_kernels.ops.linear import bf16_native
 from tore_kernels.patch import patch
-from tore_kernels.topology import default_body_mesh
-from tore_reference import Mesh, ToreFastMETROHead
+from tore_reference import released
 from tore_benchmarks.harness import Case, entry
 
 
-def _no_grad(model, x):
+def _no_grad(fn, *args):
     def call():
         with torch.no_grad():
-            return model(x)
+            return fn(*args)
     return call
+
+
+def _backbone():
+    try:
+        return released.resnet50_backbone(), "ResNet-50"
+    except ImportError:  # no torchvision
+        return released.small_backbone(2048, stride=32, width=64), "ResNet-style (small)"
+
+
+def _networks(device):
+    """(name, builder(backbone) -> model, extra forward args) of the released networks."""
+    device = torch.device(device)
+    smpl, sampler = released.TemplateSMPL().to(device), released.mesh_sampler("smpl")
+    return (
+        ("TORE-FastMETRO-L ITP+GTR", lambda bb: released.build_tore_fastmetro(backbone=bb), ()),
+        ("FastMETRO-L body", lambda bb: released.build_fastmetro(backbone=bb), ()),
+        ("TORE-METRO (encoder + NSR)", lambda bb: released.build_metro(tore=True, backbone=bb, device=device),
+         (smpl, sampler)),
+        ("METRO (445-token encoder)", lambda bb: released.build_metro(tore=False, backbone=bb, device=device),
+         (smpl, sampler)),
+    )
 
 
 @entry("head")
 def head(device, quick):
-    topo = default_body_mesh()
-    mesh = Mesh([u.to(device) for u in topo.upsampling], [d.to(device) for d in topo.downsampling])
     torch.manual_seed(0)
-    eager = ToreFastMETROHead(topo.adjacency.to_dense(), mesh, backbone_channels=2048, model_size="L",
-                              keep_ratio=0.8, use_itp=True, feature_size=(7, 7)).to(device).eval()
-    patched = patch(copy.deepcopy(eager))
-    patched_bf16 = patch(copy.deepcopy(eager), dtype=torch.bfloat16)
-    for batch in ((1, 2) if quick else (1, 16, 32)):
-        x = torch.randn(batch, 2048, 7, 7, device=device)
-        with torch.no_grad():
-            patched(x)  # one-time work (neighbour table, sparse matrix conversion) is not what is measured
-            patched_bf16(x)
-        yield Case("head", {"model": "TORE-FastMETRO-L ITP+GTR", "batch": batch, "dtype": "fp32"}, {
-            "eager": _no_grad(eager, x),
-            "patched": _no_grad(patched, x),
-            "patched bf16": _no_grad(patched_bf16, x),  # patch(dtype=torch.bfloat16): error in tests/test_patch.py
-        })
+    backbone, backbone_name = _backbone()
+    batches = {"identity": (1, 2) if quick else (1, 32), backbone_name: (1,) if quick else (1, 8)}
+    for i, (name, build, extra) in enumerate(_networks(device)):
+        for bb_name, bb in (("identity", nn.Identity()), (backbone_name, backbone)):
+            eager = build(copy.deepcopy(bb)).to(device).eval()
+            variants = {"eager": eager, "patched": patch(copy.deepcopy(eager))}
+            if bf16_native():  # elsewhere patch(dtype=bf16) runs fp32 (the "patched" row)
+                variants["patched bf16"] = patch(copy.deepcopy(eager), dtype=torch.bfloat16)
+            if bb_name == "identity" and (not quick or not i):  # the head (compile times: one network in --quick)
+                variants["compile(patched)"] = torch.compile(patch(copy.deepcopy(eager)))
+            for batch in batches[bb_name]:
+                x = (torch.randn(batch, 2048, 7, 7, device=device) if bb_name == "identity"
+                     else released.example_images(batch, tiny=False).to(device))
+                with torch.no_grad():
+                    for model in list(variants.values())[1:]:
+                        model(x, *extra)  # one-time work (tables, packing, compilation) is not what is measured
+                yield Case("head", {"model": name, "backbone": bb_name, "batch": batch, "dtype": "fp32"},
+                           {v: _no_grad(m, x, *extra) for v, m in variants.items()})
 
 
 @entry("gemm")

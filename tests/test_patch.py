@@ -308,7 +308,8 @@ def test_gradients_after_an_inference_call(kind, mode, topo, features):
                 continue
             # rounding error of a weight gradient scales with its largest entry (see test_train_mode_gradients_match)
             tol = 1e-5 * float(ref.abs().max()) + 1e-7
-            torch.testing.assert_close(g.double(), ref, rtol=1e-4, atol=tol, msg=lambda m: f"{first.__name__}, {name}: {m}")
+            torch.testing.assert_close(g.double(), ref, rtol=1e-4, atol=tol,
+                                       msg=lambda m: f"{first.__name__}, {name}: {m}")
 
 
 # patch(dtype=torch.bfloat16): linears, convs and attention take bf16 inputs (8 significant bits: each rounding is
@@ -420,3 +421,39 @@ def test_bf16_only_where_the_cpu_has_it(native, topo, features, monkeypatch):
         assert not bf16_packed
         assert_close_all(got, ref, **TOL)  # fp32: eager's numbers
     assert patch_report(unpatch(model)) is None
+
+
+def test_backbone_forwards_planned_and_opt_out(monkeypatch):
+    """patch(backbone=True) adds patch/backbone.py's backbone_forwards(model.backbone) to the plan (before the
+    generic swaps: each module gets one forward) and unpatch undoes them; backbone=False touches nothing under
+    model.backbone. The model's forward(images) calls the backbone either way."""
+    patch_module = importlib.import_module("tore_kernels.patch")
+    from tore_reference import released
+    calls = []
+
+    def traced_forward(self, x):  # a stand-in fast forward: the module's own, counted
+        calls.append(type(self).__name__)
+        return type(self).__bases__[0].forward(self, x)
+
+    monkeypatch.setattr(patch_module, "backbone_forwards",
+                        lambda net: [(m, traced_forward) for m in net.modules() if isinstance(m, nn.Conv2d)])
+    model = released.nontrivial_norms(released.build_tore_fastmetro(tiny=True)).eval()
+    images = released.example_images(2, tiny=True)
+    convs = [m for m in model.backbone.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        ref = model(images)
+        patch(model, dtype=torch.bfloat16 if linear_module.bf16_native() else None)
+        assert all(type(m).forward is traced_forward for m in convs)  # not the bf16 conv forward
+        got = model(images)
+        assert len(calls) == len(convs)
+        if not linear_module.bf16_native():
+            assert_close_all(got, ref, **TOL)
+        unpatch(model)
+        assert all(type(m) is nn.Conv2d for m in convs)
+        types = {name: type(m) for name, m in model.backbone.named_modules()}
+        patch(model, backbone=False)
+        assert {name: type(m) for name, m in model.backbone.named_modules()} == types
+        assert_close_all(model(images), ref, **TOL)
+    assert len(calls) == len(convs)
+    with pytest.raises(TypeError, match="backbone"):
+        patch(unpatch(model), backbone="yes")

@@ -256,45 +256,54 @@ def _per_sample(embedding, batch_size):
 # ----------------------------------------------------------------------------------------------
 # TORE-FastMETRO
 # ----------------------------------------------------------------------------------------------
-class ToreFastMETRO_Body_Network(nn.Module):
-    """TORE-FastMETRO. ``forward(images)`` -> ``(cam [B, 3], joints [B, 14, 3], vertices [B, 431, 3],
-    [B, 1723, 3], [B, 6890, 3], token_heatmap [B, keep_num, 49])``; with ``args.keep_ratio=None`` (GTR only) the
-    transformers see every image token (2-D positional encoding) and the heatmap is left out."""
+class _FastMETROBase(nn.Module):
+    """What TORE-FastMETRO and FastMETRO's body and hand networks share (the releases write it three times):
+    ``conv_1x1``, ``transformer_1`` / ``transformer_2`` with their positional encodings and ``dim_reduce_dec``
+    between them, the camera / joint / vertex token embeddings and ``cam_predictor``."""
 
-    def __init__(self, args, backbone, mesh_sampler, num_joints=14, num_vertices=431):
+    def __init__(self, args, backbone, mesh_sampler, num_joints, num_vertices, layers, vertex_dim):
         super().__init__()
         self.args = args
         self.backbone = backbone
         self.mesh_sampler = mesh_sampler
         self.num_joints = num_joints
         self.num_vertices = num_vertices
+        self.transformer_config_1 = _transformer_config(args, args.model_dim_1, args.feedforward_dim_1, layers)
+        self.transformer_config_2 = _transformer_config(args, args.model_dim_2, args.feedforward_dim_2, layers)
+        self.transformer_1 = build_transformer(self.transformer_config_1)
+        self.transformer_2 = build_transformer(self.transformer_config_2)
+        self.dim_reduce_dec = nn.Linear(args.model_dim_1, args.model_dim_2)
+        self.cam_token_embed = nn.Embedding(1, args.model_dim_1)
+        self.joint_token_embed = nn.Embedding(num_joints, args.model_dim_1)
+        self.vertex_token_embed = nn.Embedding(num_vertices, vertex_dim)
+        self.position_encoding_1 = build_position_encoding(pos_type=args.pos_type, hidden_dim=args.model_dim_1)
+        self.position_encoding_2 = build_position_encoding(pos_type=args.pos_type, hidden_dim=args.model_dim_2)
+        self.cam_predictor = nn.Linear(args.model_dim_2, 3)
+        self.conv_1x1 = nn.Conv2d(args.conv_1x1_dim, args.model_dim_1, kernel_size=1)
+
+
+class ToreFastMETRO_Body_Network(_FastMETROBase):
+    """TORE-FastMETRO. ``forward(images)`` -> ``(cam [B, 3], joints [B, 14, 3], vertices [B, 431, 3],
+    [B, 1723, 3], [B, 6890, 3], token_heatmap [B, keep_num, 49])``; with ``args.keep_ratio=None`` (GTR only) the
+    transformers see every image token (2-D positional encoding) and the heatmap is left out."""
+
+    def __init__(self, args, backbone, mesh_sampler, num_joints=14, num_vertices=431):
         layers = _num_layers(args.model_name, "_")
+        if "efficientnet" in args.arch:
+            args.conv_1x1_dim = 1280  # the release sets it on the caller's args
+        super().__init__(args, backbone, mesh_sampler, num_joints, num_vertices, layers, args.model_dim_3)
         if args.keep_ratio is not None:
             dim_1 = args.model_dim_1
             self.keep_num = int(49 * args.keep_ratio)
             self.token_selector_conv2d = nn.Conv2d(dim_1, dim_1 // 4, kernel_size=3, stride=1, padding=1)
             self.token_selector_fc = nn.Linear(dim_1 // 4, self.keep_num)
             self.layer_norm = nn.LayerNorm([self.keep_num, dim_1])
-        self.transformer_config_1 = _transformer_config(args, args.model_dim_1, args.feedforward_dim_1, layers)
-        self.transformer_config_2 = _transformer_config(args, args.model_dim_2, args.feedforward_dim_2, layers)
         self.transformer_config_3 = _transformer_config(args, args.model_dim_3, args.feedforward_dim_3, layers)
-        self.transformer_1 = build_transformer(self.transformer_config_1)
-        self.transformer_2 = build_transformer(self.transformer_config_2)
         self.transformer_3 = build_transformer(self.transformer_config_3)
         self.dim_reduce_enc = nn.Linear(args.model_dim_1, args.model_dim_2)
-        self.dim_reduce_dec = nn.Linear(args.model_dim_1, args.model_dim_2)
-        self.cam_token_embed = nn.Embedding(1, args.model_dim_1)
-        self.joint_token_embed = nn.Embedding(num_joints, args.model_dim_1)
-        self.vertex_token_embed = nn.Embedding(num_vertices, args.model_dim_3)
-        self.position_encoding_1 = build_position_encoding(pos_type=args.pos_type, hidden_dim=args.model_dim_1)
-        self.position_encoding_2 = build_position_encoding(pos_type=args.pos_type, hidden_dim=args.model_dim_2)
         self.position_encoding_3 = build_position_encoding(pos_type=args.pos_type, hidden_dim=args.model_dim_3)
         self.xyz_regressor_j = nn.Linear(args.model_dim_2, 3)
         self.xyz_regressor_v = nn.Linear(args.model_dim_3, 3)
-        if "efficientnet" in args.arch:
-            args.conv_1x1_dim = 1280  # the release sets it on the caller's args
-        self.conv_1x1 = nn.Conv2d(args.conv_1x1_dim, args.model_dim_1, kernel_size=1)
-        self.cam_predictor = nn.Linear(args.model_dim_2, 3)
         self.attention_mask = attention_mask("smpl")  # a plain attribute, as released: moved on every call
 
     def forward(self, images):
@@ -343,33 +352,16 @@ class ToreFastMETRO_Body_Network(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # FastMETRO
 # ----------------------------------------------------------------------------------------------
-class _FastMETRONetwork(nn.Module):
-    """What FastMETRO's body and hand networks share (the release writes it twice): two encoder-decoders over
-    the image tokens decoding ``J + V`` joint and vertex tokens under the ``[J+V, J+V]`` mask."""
+class _FastMETRONetwork(_FastMETROBase):
+    """FastMETRO's body and hand: ``transformer_1`` / ``transformer_2`` decode ``J + V`` joint and vertex tokens
+    under the ``[J+V, J+V]`` mask."""
 
     def __init__(self, args, backbone, mesh_sampler, num_joints, num_vertices, body):
-        super().__init__()
-        self.args = args
-        self.backbone = backbone
-        self.mesh_sampler = mesh_sampler
-        self.num_joints = num_joints
-        self.num_vertices = num_vertices
-        layers = _num_layers(args.model_name, "-")
-        self.transformer_config_1 = _transformer_config(args, args.model_dim_1, args.feedforward_dim_1, layers)
-        self.transformer_config_2 = _transformer_config(args, args.model_dim_2, args.feedforward_dim_2, layers)
-        self.transformer_1 = build_transformer(self.transformer_config_1)
-        self.transformer_2 = build_transformer(self.transformer_config_2)
+        super().__init__(args, backbone, mesh_sampler, num_joints, num_vertices, _num_layers(args.model_name, "-"),
+                         args.model_dim_1)
         self.dim_reduce_enc_cam = nn.Linear(args.model_dim_1, args.model_dim_2)
         self.dim_reduce_enc_img = nn.Linear(args.model_dim_1, args.model_dim_2)
-        self.dim_reduce_dec = nn.Linear(args.model_dim_1, args.model_dim_2)
-        self.cam_token_embed = nn.Embedding(1, args.model_dim_1)
-        self.joint_token_embed = nn.Embedding(num_joints, args.model_dim_1)
-        self.vertex_token_embed = nn.Embedding(num_vertices, args.model_dim_1)
-        self.position_encoding_1 = build_position_encoding(pos_type=args.pos_type, hidden_dim=args.model_dim_1)
-        self.position_encoding_2 = build_position_encoding(pos_type=args.pos_type, hidden_dim=args.model_dim_2)
         self.xyz_regressor = nn.Linear(args.model_dim_2, 3)
-        self.cam_predictor = nn.Linear(args.model_dim_2, 3)
-        self.conv_1x1 = nn.Conv2d(args.conv_1x1_dim, args.model_dim_1, kernel_size=1)
         mask = torch.zeros(num_joints + num_vertices, num_joints + num_vertices, dtype=torch.bool)
         mask[num_joints:, num_joints:] = attention_mask(body)
         self.attention_mask = mask  # a plain attribute, as released
@@ -724,18 +716,11 @@ def _template(smpl, device):
     return template_vertices, smpl.get_h36m_joints(template_vertices)
 
 
-def _mask_tokens(features, meta_masks):
-    # masked vertex / joint modelling: masked tokens become a constant 0.01 vector
-    return features * meta_masks + torch.ones_like(features) * 0.01 * (1 - meta_masks)
+class _METRONetwork(nn.Module):
+    """What METRO's and TORE-METRO's networks share (the releases write it twice): the backbone, ``trans_encoder``,
+    the learned ``upsampling`` / ``upsampling2`` and ``conv_learn_tokens`` (one image token per encoder token)."""
 
-
-class ToreMETRO_Body_Network(nn.Module):
-    """TORE-METRO: METRO's ``trans_encoder`` over 14 joint tokens, then the NSR ``transformer_3`` decoding 431
-    vertex tokens (mask ``attention_mask_3``) over its last hidden states, learned ``upsampling`` /
-    ``upsampling2``. ``forward(images, smpl, mesh_sampler, meta_masks=None, is_train=False)`` ->
-    ``(cam [B, 3], joints [B, 14, 3], vertices [B, 431, 3], [B, 1723, 3], [B, 6890, 3])``."""
-
-    def __init__(self, args, config, backbone, trans_encoder, mesh_sampler):
+    def __init__(self, args, config, backbone, trans_encoder, num_tokens):
         super().__init__()
         self.config = config
         self.config.device = args.device
@@ -743,7 +728,25 @@ class ToreMETRO_Body_Network(nn.Module):
         self.trans_encoder = trans_encoder
         self.upsampling = nn.Linear(431, 1723)
         self.upsampling2 = nn.Linear(1723, 6890)
-        self.conv_learn_tokens = nn.Conv1d(49, 14, 1)
+        self.conv_learn_tokens = nn.Conv1d(49, num_tokens, 1)
+
+    def _tokens(self, images, ref_vertices, meta_masks, is_train):
+        """-> ``[template xyz ; learned image token]`` per encoder token ``[B, T, 3 + 2048]``."""
+        image_feat = self.backbone(images).view(images.size(0), 2048, -1).transpose(1, 2)  # [B, 49, 2048]
+        features = torch.cat([ref_vertices, self.conv_learn_tokens(image_feat)], dim=2)
+        if is_train:  # masked vertex / joint modelling: masked tokens become a constant 0.01 vector
+            features = features * meta_masks + torch.ones_like(features) * 0.01 * (1 - meta_masks)
+        return features
+
+
+class ToreMETRO_Body_Network(_METRONetwork):
+    """TORE-METRO: METRO's ``trans_encoder`` over 14 joint tokens, then the NSR ``transformer_3`` decoding 431
+    vertex tokens (mask ``attention_mask_3``) over its last hidden states, learned ``upsampling`` /
+    ``upsampling2``. ``forward(images, smpl, mesh_sampler, meta_masks=None, is_train=False)`` ->
+    ``(cam [B, 3], joints [B, 14, 3], vertices [B, 431, 3], [B, 1723, 3], [B, 6890, 3])``."""
+
+    def __init__(self, args, config, backbone, trans_encoder, mesh_sampler):
+        super().__init__(args, config, backbone, trans_encoder, 14)
         self.num_joints = 14
         layers = _num_layers(args.model_name_3, "_")
         last_hidden = int(args.hidden_feat_dim.split(",")[-1])
@@ -764,11 +767,7 @@ class ToreMETRO_Body_Network(nn.Module):
         template_pelvis = template_3d_joints[:, H36M_PELVIS, :]
         template_3d_joints = template_3d_joints[:, list(H36M_J17_TO_J14), :] - template_pelvis[:, None, :]
         ref_vertices = template_3d_joints.expand(batch_size, -1, -1)
-        image_feat = self.backbone(images).view(batch_size, 2048, -1).transpose(1, 2)  # [B, 49, 2048]
-        img_tokens = self.conv_learn_tokens(image_feat)  # [B, 14, 2048]: one image token per joint
-        features = torch.cat([ref_vertices, img_tokens], dim=2)
-        if is_train:
-            features = _mask_tokens(features, meta_masks)
+        features = self._tokens(images, ref_vertices, meta_masks, is_train)  # [B, 14, 2051]
         if not self.config.output_attentions:
             raise ValueError("TORE-METRO reads the last trans_encoder stage's hidden states: "
                              "config.output_attentions must be True (build_trans_encoder sets it)")
@@ -790,7 +789,7 @@ class ToreMETRO_Body_Network(nn.Module):
                 pred_vertices_full.transpose(1, 2))
 
 
-class METRO_Body_Network(nn.Module):
+class METRO_Body_Network(_METRONetwork):
     """METRO: 14 joint + 431 vertex tokens ``[template xyz ; learned image token]`` through ``trans_encoder``
     (dense self-attention), learned ``upsampling`` / ``upsampling2``, a camera head on the coarse vertices.
     ``forward(images, smpl, mesh_sampler, meta_masks=None, is_train=False)`` -> ``(cam [B, 3] (squeezed, as
@@ -798,14 +797,7 @@ class METRO_Body_Network(nn.Module):
     last stage's hidden states and attentions when ``config.output_attentions`` (the run scripts set it)."""
 
     def __init__(self, args, config, backbone, trans_encoder, mesh_sampler):
-        super().__init__()
-        self.config = config
-        self.config.device = args.device
-        self.backbone = backbone
-        self.trans_encoder = trans_encoder
-        self.upsampling = nn.Linear(431, 1723)
-        self.upsampling2 = nn.Linear(1723, 6890)
-        self.conv_learn_tokens = nn.Conv1d(49, 431 + 14, 1)
+        super().__init__(args, config, backbone, trans_encoder, 431 + 14)
         self.cam_param_fc = nn.Linear(3, 1)
         self.cam_param_fc2 = nn.Linear(431, 250)
         self.cam_param_fc3 = nn.Linear(250, 3)
@@ -821,11 +813,7 @@ class METRO_Body_Network(nn.Module):
         template_3d_joints = template_3d_joints - template_pelvis[:, None, :]
         template_vertices_sub2 = template_vertices_sub2 - template_pelvis[:, None, :]
         ref_vertices = torch.cat([template_3d_joints, template_vertices_sub2], dim=1).expand(batch_size, -1, -1)
-        image_feat = self.backbone(images).view(batch_size, 2048, -1).transpose(1, 2)  # [B, 49, 2048]
-        img_tokens = self.conv_learn_tokens(image_feat)  # [B, 445, 2048]
-        features = torch.cat([ref_vertices, img_tokens], dim=2)
-        if is_train:
-            features = _mask_tokens(features, meta_masks)
+        features = self._tokens(images, ref_vertices, meta_masks, is_train)  # [B, 445, 2051]
         if self.config.output_attentions:
             features, hidden_states, att = self.trans_encoder(features)
         else:

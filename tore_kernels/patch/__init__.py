@@ -25,8 +25,9 @@ What is swapped:
 * ``mesh_sampler`` becomes a batched :class:`~tore_kernels.nn.mesh.MeshSampler` over the same matrices;
 * for the ITP model, the instance's class is replaced by a subclass (same name) whose ``forward(images)`` calls
   the model's backbone (as the release does), runs the fused :func:`~tore_kernels.ops.itp.image_token_prune` and
-  otherwise the model's own submodules, returning what the released forward returns. A per-instance class rather than a bound method, so that ``nn.DataParallel``
-  replicas (which copy ``__dict__``) call their own submodules, and pickling / ``copy.deepcopy`` keep working.
+  otherwise the model's own submodules, returning what the released forward returns. A per-instance class
+  rather than a bound method, so that ``nn.DataParallel`` replicas (which copy ``__dict__``) call their own
+  submodules, and pickling / ``copy.deepcopy`` keep working.
   That forward passes the camera, joint and vertex token embeddings broadcast over the batch (stride 0);
 * every ``transformer_i`` and its encoder / decoder layers get an eval-mode forward (same way; training runs the
   released code): no all-False key-padding masks or all-zero ``query_pos`` (no-ops that cost a mask merge per

@@ -95,7 +95,9 @@ def fused_itp_forward(self, images):
                          f"{getattr(features, 'dtype', type(features).__name__)} "
                          f"{list(getattr(features, 'shape', []))}")
     batch_size = features.shape[0]
-    dtype, device = features.dtype, features.device
+    # the ITP and the residual stream in the parameters' dtype (fp32 under patch(dtype=bf16), whose autocast makes
+    # the backbone's output bf16)
+    dtype, device = self.token_selector_conv2d.weight.dtype, features.device
     conv, fc, ln = self.token_selector_conv2d, self.token_selector_fc, self.layer_norm
     img_features = self.conv_1x1(features)
     with torch.autocast(device.type, enabled=False):  # under patch(dtype=bf16) too: the fused ITP runs in fp32

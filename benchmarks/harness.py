@@ -17,6 +17,11 @@ A case may give ``bytes``: the fewest bytes one call must move through memory (e
 output written once). Every variant's row then gets ``gb_per_s`` = bytes / median time, the bandwidth that
 time amounts to; on CUDA the run also measures the device's own copy bandwidth (``copy_gb_per_s``), the ceiling
 to read it against. On CUDA the time is taken with CUDA events around the calls (``--device cuda``).
+
+A variant that cannot run on this machine (a peer runtime not installed) is given as ``Skipped(reason)``: its row
+says ``skipped: reason`` and does not fail the run. ``Case.reps`` overrides the repetitions (slow whole-network
+cases), ``Case.notes`` adds a note to a variant's row (e.g. how far its outputs are from the baseline's). Rows of
+cases with a ``batch`` parameter also get ``per_s``: samples (images) per second.
 """
 from __future__ import annotations
 
@@ -47,16 +52,24 @@ _ENTRIES: dict[str, _Factory] = {}
 SETTINGS = {False: (3, 15, 0.05), True: (1, 5, 0.01)}
 
 CSV_FIELDS = ("timestamp", "entry", "params", "variant", "baseline", "status", "median_ms", "q1_ms", "q3_ms",
-              "min_ms", "max_ms", "reps", "calls_per_rep", "ratio_vs_baseline", "bytes", "gb_per_s", "device",
-              "device_name", "copy_gb_per_s", "cpu_model", "torch_threads", "load_avg_1m", "python", "torch",
+              "min_ms", "max_ms", "reps", "calls_per_rep", "ratio_vs_baseline", "per_s", "note", "bytes", "gb_per_s",
+              "device", "device_name", "copy_gb_per_s", "cpu_model", "torch_threads", "load_avg_1m", "python", "torch",
               "torch_cuda", "triton", "tore_kernels", "git_commit")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A variant that cannot run here, and why (reported in its row, not an error)."""
+    reason: str
 
 
 @dataclass
 class Case:
     entry: str
     params: dict[str, Any]
-    variants: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    variants: dict[str, Callable[[], Any] | Skipped] = field(default_factory=dict)
+    reps: int | None = None  # repetitions, instead of the run's setting
+    notes: dict[str, str] = field(default_factory=dict)  # variant -> note for its row
     bytes: int | None = None  # the fewest bytes one call must move (inputs read once, outputs written once)
 
     def __post_init__(self):
@@ -67,8 +80,12 @@ class Case:
         if not isinstance(self.variants, dict) or len(self.variants) < 2:
             raise ValueError(f"Case({self.entry!r}): variants must be a dict of at least two callables "
                              "(the first is the baseline)")
+        if not callable(next(iter(self.variants.values()))):
+            raise TypeError(f"Case({self.entry!r}): the baseline (first variant) must be callable")
+        if self.reps is not None and (not isinstance(self.reps, int) or self.reps < 1):
+            raise ValueError(f"Case({self.entry!r}): reps must be a positive int or None, got {self.reps!r}")
         for name, fn in self.variants.items():
-            if not callable(fn):
+            if not callable(fn) and not isinstance(fn, Skipped):
                 raise TypeError(f"Case({self.entry!r}): variant {name!r} is not callable")
 
 
@@ -142,10 +159,14 @@ def _calls_per_measurement(timer, fn, target: float) -> int:
 def time_case(case: Case, device: torch.device, quick: bool = False) -> list[dict[str, Any]]:
     """Time every variant of ``case``; one result dict per variant (times in ms per call)."""
     warmup, reps, target = SETTINGS[bool(quick)]
+    reps = min(reps, case.reps) if quick and case.reps else case.reps or reps
     timer = _timer(device)
     names = list(case.variants)
     calls, errors = {}, {}
+    skipped = {name: fn.reason for name, fn in case.variants.items() if isinstance(fn, Skipped)}
     for name in names:  # warm up (compilation, caches, allocator) and size each measurement
+        if name in skipped:
+            continue
         try:
             for _ in range(warmup):
                 case.variants[name]()
@@ -174,9 +195,11 @@ def time_case(case: Case, device: torch.device, quick: bool = False) -> list[dic
     for name in names:
         row = {"entry": case.entry, "params": dict(case.params), "variant": name, "baseline": names[0],
                "status": "ok", "median_ms": None, "q1_ms": None, "q3_ms": None, "min_ms": None, "max_ms": None,
-               "reps": 0, "calls_per_rep": calls.get(name, 0), "ratio_vs_baseline": None, "bytes": case.bytes,
-               "gb_per_s": None}
-        if name in errors:
+               "reps": 0, "calls_per_rep": calls.get(name, 0), "ratio_vs_baseline": None, "per_s": None,
+               "note": case.notes.get(name, ""), "bytes": case.bytes, "gb_per_s": None}
+        if name in skipped:
+            row["status"] = "skipped: " + skipped[name]
+        elif name in errors:
             row["status"] = "error: " + errors[name]
         else:
             values = sorted(samples[name])
@@ -189,6 +212,8 @@ def time_case(case: Case, device: torch.device, quick: bool = False) -> list[dic
     for row in rows:
         if base is not None and row["median_ms"]:
             row["ratio_vs_baseline"] = base / row["median_ms"]
+        if row["median_ms"] and isinstance(case.params.get("batch"), int):
+            row["per_s"] = case.params["batch"] / row["median_ms"] * 1e3
     return rows
 
 
@@ -273,21 +298,23 @@ def _fmt(value: float | None, spec: str) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no benchmark cases)"
-    bandwidth = any(r.get("bytes") for r in rows)  # a GB/s column only where some case counts its bytes
-    header = ("entry", "params", "variant", "median ms", "IQR ms", "min-max ms") + (("GB/s",) if bandwidth else ()) \
-        + ("ratio",)
+    header = ("entry", "params", "variant", "median ms", "IQR ms", "min-max ms", "GB/s", "ratio", "per s", "note")
     body = []
     for r in rows:
         iqr = None if r["q1_ms"] is None else r["q3_ms"] - r["q1_ms"]
         minmax = "-" if r["min_ms"] is None else f"{r['min_ms']:.4g}-{r['max_ms']:.4g}"
         ratio = _fmt(r["ratio_vs_baseline"], ".2f") + ("x" if r["ratio_vs_baseline"] is not None else "")
         if r["status"] != "ok":
-            ratio = r["status"][:60]
+            ratio = r["status"][:90]
         gbps = _fmt(r.get("gb_per_s"), ".4g")
         if r.get("gb_per_s") and r.get("copy_gb_per_s"):
             gbps += f" ({r['gb_per_s'] / r['copy_gb_per_s']:.0%})"
         body.append((r["entry"], _params_text(r["params"]), r["variant"], _fmt(r["median_ms"], ".4g"),
-                     _fmt(iqr, ".2g"), minmax) + ((gbps,) if bandwidth else ()) + (ratio,))
+                     _fmt(iqr, ".2g"), minmax, gbps, ratio, _fmt(r.get("per_s"), ".4g"), r.get("note", "")))
+    # the bandwidth, throughput and note columns only where some row has one
+    keep = [i for i in range(len(header)) if i < 6 or header[i] == "ratio"
+            or any(line[i] not in ("", "-") for line in body)]
+    header, body = tuple(header[i] for i in keep), [tuple(line[i] for i in keep) for line in body]
     widths = [max(len(str(line[i])) for line in [header] + body) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header] + body]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -302,24 +329,107 @@ def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
             writer.writerow({**{k: r.get(k) for k in CSV_FIELDS}, "params": json.dumps(r["params"], sort_keys=True)})
 
 
+# entries drawn first, in this order (the comparisons a reader looks for); the others follow in run order
+HEADLINE_ENTRIES = ("peers", "head", "backbone")
+
+
+def _grouped(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """[(entry, its rows)], headline entries first."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["entry"], []).append(r)
+    rank = {name: i for i, name in enumerate(HEADLINE_ENTRIES)}
+    return sorted(groups.items(), key=lambda item: rank.get(item[0], len(rank)))
+
+
+def _title(env: dict[str, Any]) -> str:
+    return (f"tore-kernels {env['tore_kernels']}, torch {env['torch']}\n{env['device_name']}, "
+            f"{env['torch_threads']} threads, load {env['load_avg_1m']}, {env['timestamp']}")
+
+
 def _write_plot(path: str, rows: list[dict[str, Any]], env: dict[str, Any]) -> None:
+    """Speed-ups on a log axis (bars from 1x: right = faster than the baseline), one block per entry."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    bars = [r for r in rows if r["variant"] != r["baseline"] and r["ratio_vs_baseline"] is not None]
-    labels = [f"{r['entry']} {_params_text(r['params'])} [{r['variant']}]" for r in bars]
-    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.35 * max(1, len(bars))))
-    ax.barh(range(len(bars)), [r["ratio_vs_baseline"] for r in bars], color="tab:blue")
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_yticks(range(len(bars)), labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("speed-up over the baseline (baseline median / variant median)")
-    ax.set_title(f"tore-kernels {env['tore_kernels']} on {env['device_name']} ({env['torch_threads']} threads)",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    labels, ratios, headers = [], [], []
+    for name, group in _grouped(rows):
+        bars = [r for r in group if r["variant"] != r["baseline"] and r["ratio_vs_baseline"] is not None]
+        if not bars:
+            continue
+        headers.append(len(labels))
+        labels.append(f"{name} (vs {bars[0]['baseline']})")
+        ratios.append(None)
+        for r in bars:
+            params = _params_text({k: v for k, v in r["params"].items() if k != "dtype" or v != "fp32"})
+            labels.append(f"{params}  [{r['variant']}]")
+            ratios.append(r["ratio_vs_baseline"])
+    fig, ax = plt.subplots(figsize=(11, 1.6 + 0.24 * max(1, len(labels))))
+    values = [r for r in ratios if r is not None] or [1.0]
+    for y, ratio in enumerate(ratios):
+        if ratio is None:
+            continue
+        ax.barh(y, ratio - 1.0, left=1.0, height=0.7, color="tab:green" if ratio >= 1 else "tab:red")
+        ax.text(ratio * (1.03 if ratio >= 1 else 0.97), y, f"{ratio:.3g}x", va="center",
+                ha="left" if ratio >= 1 else "right", fontsize=7)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.set_xlim(min(values + [1.0]) / 1.6, max(values + [1.0]) * 1.6)
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    for y in headers:
+        ax.get_yticklabels()[y].set_fontweight("bold")
+        if y:
+            ax.axhline(y - 0.5, color="grey", linewidth=0.5)
+    ax.set_ylim(len(labels) - 0.5, -0.5)
+    ax.set_xlabel("speed-up over the baseline (baseline median / variant median), log scale; 1x = as fast")
+    ax.set_title(_title(env), fontsize=9)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def _write_throughput_plot(path: str, rows: list[dict[str, Any]], env: dict[str, Any]) -> bool:
+    """Samples (images) per second against the batch, one panel per model of the headline entries, one line per
+    variant; False (nothing written) when no headline case has a batch parameter."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    panels: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for name, group in _grouped(rows):
+        if name not in HEADLINE_ENTRIES:
+            continue
+        for r in group:
+            if r.get("per_s"):
+                key = f"{name}: " + _params_text({k: v for k, v in r["params"].items() if k != "batch"})
+                panels.setdefault(key, {}).setdefault(r["variant"], []).append((r["params"]["batch"], r["per_s"]))
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    for ax, (key, lines) in zip(axes[0], panels.items()):
+        for variant, points in lines.items():
+            points.sort()
+            ax.plot([b for b, _ in points], [v for _, v in points], marker="o", label=variant,
+                    linewidth=2.2 if variant.startswith("patched") else 1.2)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        batches = sorted({b for points in lines.values() for b, _ in points})
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel("batch")
+        ax.set_ylabel("samples (images) per second")
+        ax.set_title(key.replace(",", ", "), fontsize=8, wrap=True)
+        ax.grid(True, which="both", linewidth=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(_title(env), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True
 
 
 class _Progress:
@@ -391,7 +501,7 @@ def run(entries: Iterable[str] | None = None, device: str | torch.device = "cpu"
                 rows.append({**env, "entry": name, "params": {}, "variant": "-", "baseline": "-",
                              "status": f"error: {type(exc).__name__}: {exc}", "median_ms": None, "q1_ms": None,
                              "q3_ms": None, "min_ms": None, "max_ms": None, "reps": 0, "calls_per_rep": 0,
-                             "ratio_vs_baseline": None, "bytes": None, "gb_per_s": None})
+                             "ratio_vs_baseline": None, "per_s": None, "note": "", "bytes": None, "gb_per_s": None})
     finally:
         bar.close()
 
@@ -407,6 +517,8 @@ def run(entries: Iterable[str] | None = None, device: str | torch.device = "cpu"
         if plot:
             files["png"] = stem + ".png"
             _write_plot(files["png"], rows, env)
+            if _write_throughput_plot(stem + "-throughput.png", rows, env):
+                files["throughput_png"] = stem + "-throughput.png"
     if print_table:
         print(format_table(rows))
         if env["copy_gb_per_s"]:

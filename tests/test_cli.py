@@ -261,3 +261,42 @@ def test_case_bytes_give_bandwidth(fake_bench):
     for bad in (0, -5, 2.5):
         with pytest.raises(ValueError, match="bytes must be a positive int or None"):
             harness.Case("bw", {}, dict(case.variants), bytes=bad)
+
+
+def test_skipped_variant_reps_notes_and_throughput():
+    x = torch.randn(8, 8)
+    case = harness.Case("peers", {"model": "m", "batch": 4}, {"eager": lambda: x @ x, "fast": lambda: torch.mm(x, x),
+                                                       "absent": harness.Skipped("not installed")},
+                reps=2, notes={"fast": "err 1e-7"})
+    rows = {r["variant"]: r for r in harness.time_case(case, torch.device("cpu"), quick=False)}
+    assert rows["absent"]["status"] == "skipped: not installed" and rows["absent"]["median_ms"] is None
+    assert rows["eager"]["reps"] == rows["fast"]["reps"] == 2 and rows["fast"]["note"] == "err 1e-7"
+    assert rows["fast"]["per_s"] == pytest.approx(4 / rows["fast"]["median_ms"] * 1e3)
+    table = harness.format_table(list(rows.values()))
+    assert "skipped: not installed" in table and "err 1e-7" in table
+    with pytest.raises(TypeError, match="baseline"):
+        harness.Case("e", {}, {"eager": harness.Skipped("no"), "fast": lambda: None})
+    with pytest.raises(ValueError, match="reps"):
+        harness.Case("e", {}, {"eager": lambda: None, "fast": lambda: None}, reps=0)
+
+
+def test_plots_group_headline_entries_and_draw_throughput(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = []
+    for entry_name, batch, variant, ms in [("attention", 1, "eager", 2.0), ("attention", 1, "tore", 0.1),
+                                           ("peers", 1, "eager", 50.0), ("peers", 1, "onnxruntime", 40.0),
+                                           ("peers", 1, "patched", 30.0), ("peers", 32, "eager", 1200.0),
+                                           ("peers", 32, "onnxruntime", 700.0), ("peers", 32, "patched", 400.0)]:
+        rows.append({"entry": entry_name, "params": {"model": "m", "batch": batch}, "variant": variant,
+                     "baseline": "eager", "median_ms": ms, "per_s": batch / ms * 1e3, "status": "ok"})
+    for r in rows:
+        base = next(b for b in rows if b["entry"] == r["entry"] and b["params"] == r["params"] and b["variant"] == "eager")
+        r["ratio_vs_baseline"] = base["median_ms"] / r["median_ms"]
+    assert [name for name, _ in harness._grouped(rows)] == ["peers", "attention"]
+    env = harness.environment(torch.device("cpu"))
+    harness._write_plot(str(tmp_path / "r.png"), rows, env)
+    assert harness._write_throughput_plot(str(tmp_path / "t.png"), rows, env)
+    assert not harness._write_throughput_plot(str(tmp_path / "n.png"), rows[:2], env)  # no headline entry
+    for name in ("r.png", "t.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "n.png").exists()

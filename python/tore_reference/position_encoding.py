@@ -10,6 +10,8 @@ from torch import nn
 
 
 def _check_positive_int(value, name):
+    if torch.jit.is_tracing() and isinstance(value, torch.Tensor) and value.dim() == 0:
+        return  # a traced size (torch.onnx.export): the tracer records sizes as 0-dim tensors
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 

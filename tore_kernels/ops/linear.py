@@ -26,13 +26,14 @@ _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_
 _DERIVED: dict[tuple[int, str], tuple] = {}  # (id(parameter), tag) -> (weakref, (version, data_ptr), tensor)
 
 
-def derived_weight(weight: torch.Tensor, tag: str, make) -> torch.Tensor:
-    """``make(weight.detach())``, computed once per version of ``weight`` and cached under ``tag``. The result is
-    a normal tensor even when first built under ``torch.inference_mode`` (a later training step may use it).
+def derived_weight(weight: torch.Tensor, tag: str, make, depends=()):
+    """``make(weight.detach())``, computed once per version of ``weight`` (and of each tensor in ``depends``, which
+    ``make`` also reads: e.g. the BatchNorm folded into a conv) and cached under ``tag``. The result is a normal
+    tensor even when first built under ``torch.inference_mode`` (a later training step may use it).
     Under torch.compile it runs outside the graph (a cache keyed on identities would recompile per parameter)."""
     if torch.compiler.is_compiling():
-        return _derived_weight_untraced(weight, tag, make)
-    key, i = (weight._version, weight.data_ptr()), id(weight)
+        return _derived_weight_untraced(weight, tag, make, depends)
+    key, i = tuple((t._version, t.data_ptr()) for t in (weight, *depends)), id(weight)
     hit = _DERIVED.get((i, tag))
     if hit is None or hit[0]() is not weight or hit[1] != key:
         ref = weakref.ref(weight, lambda _, k=(i, tag): _DERIVED.pop(k, None))  # dropped with the parameter

@@ -1,0 +1,194 @@
+"""Eval-mode fast forwards for a CNN backbone: ``backbone_forwards(backbone) -> [(module, forward), ...]``.
+
+``patch`` applies each pair as a per-instance subclass (``_patched_class``), like its other forwards. What they do,
+in inference (eval mode, no autograd needed, fp32 CPU tensors, no autocast, not under tracing / torch.compile):
+
+* every ``Conv2d`` followed by an eval ``BatchNorm2d`` runs as one convolution with the BatchNorm folded into its
+  weight and bias (``w * gamma / sqrt(var + eps)``, ``(b - mean) * gamma / sqrt(var + eps) + beta``), derived once
+  per version of the conv's and the BatchNorm's tensors and cached outside the model
+  (:func:`~tore_kernels.ops.linear.derived_weight`), reordered once into oneDNN's blocked layout;
+* that convolution is oneDNN's ``_convolution_pointwise`` with the following ReLU fused, and for the last conv of
+  a residual block the residual addition and its ReLU fused too;
+* the backbone's input is made ``channels_last`` once (oneDNN's fast layout for these convs) and its output is
+  given back in the input's layout.
+
+Recognised by structure (attribute names and types): torchvision's / HRNet's ``Bottleneck`` and ``BasicBlock``
+(``conv1``, ``bn1``, ``conv2``, ``bn2``[, ``conv3``, ``bn3``], ``relu``, ``downsample``), ``nn.Sequential``
+(runs of ``Conv2d``, ``BatchNorm2d``[, ``ReLU``]), and torchvision's ``ResNet`` (the stem, ``layer1..4``,
+``avgpool``, ``fc``). Anything else keeps its own forward. Outside inference each forward is the module's own.
+Parameters, buffers and ``state_dict`` are untouched; the folded copies cost one more copy of the conv weights.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.linear import derived_weight
+
+__all__ = ["backbone_forwards"]
+
+_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+           and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"))
+
+
+def _foldable(conv, bn) -> bool:
+    """A plain 2-d conv followed by a BatchNorm2d that normalises with its running statistics in eval mode."""
+    return (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and conv.padding_mode == "zeros"
+            and isinstance(conv.padding, tuple) and bn.track_running_stats and bn.running_mean is not None
+            and bn.num_features == conv.out_channels)
+
+
+def _folded(conv, bn):
+    """(oneDNN-packed weight, bias) of ``bn(conv(x))`` in eval mode, derived once per version of the tensors."""
+    tensors = [t for t in (conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
+
+    def make(weight):
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale if conv.bias is None else (conv.bias - bn.running_mean) * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        folded = (weight * scale.reshape(-1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
+        packed = torch.ops.mkldnn._reorder_convolution_weight(folded, list(conv.padding), list(conv.stride),
+                                                              list(conv.dilation), conv.groups)
+        return packed, shift.detach().contiguous()
+    return derived_weight(conv.weight, "bn-folded-onednn", make, depends=tensors)
+
+
+def _conv_bn(conv, bn, x, relu=False, residual=None):
+    """``relu?(bn(conv(x)) [+ residual])`` as one oneDNN convolution."""
+    weight, bias = _folded(conv, bn)
+    args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    if residual is not None:
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, bias, *args, "add", 1.0,
+                                                              "relu" if relu else None, [], "")
+    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "relu" if relu else "none", [], "")
+
+
+def _fast(module, x) -> bool:
+    """Whether ``module(x)`` may take the folded path: inference, fp32 CPU, nothing that traces or autocasts."""
+    return (_ONEDNN and torch.backends.mkldnn.enabled and not module.training and isinstance(x, torch.Tensor)
+            and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and not x.is_mkldnn
+            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))))
+
+
+def _own(module, *args, **kwargs):
+    return type(module).__bases__[0].forward(module, *args, **kwargs)
+
+
+def _shortcut(block, x):
+    ds = block.downsample
+    if ds is None:
+        return x
+    if isinstance(ds, nn.Sequential) and len(ds) == 2 and _foldable(ds[0], ds[1]):
+        return _conv_bn(ds[0], ds[1], x)
+    return ds(x)
+
+
+def _bottleneck_forward(self, x):
+    """torchvision's / HRNet's ``Bottleneck``: 1x1, 3x3, 1x1 convs with BatchNorm, ReLU, a residual shortcut."""
+    if not _fast(self, x):
+        return _own(self, x)
+    out = _conv_bn(self.conv1, self.bn1, x, relu=True)
+    out = _conv_bn(self.conv2, self.bn2, out, relu=True)
+    return _conv_bn(self.conv3, self.bn3, out, relu=True, residual=_shortcut(self, x))
+
+
+def _basic_block_forward(self, x):
+    """torchvision's / HRNet's ``BasicBlock``: two 3x3 convs with BatchNorm, ReLU, a residual shortcut."""
+    if not _fast(self, x):
+        return _own(self, x)
+    out = _conv_bn(self.conv1, self.bn1, x, relu=True)
+    return _conv_bn(self.conv2, self.bn2, out, relu=True, residual=_shortcut(self, x))
+
+
+def _run_sequential(modules, x):
+    """Run ``modules`` in order with each foldable (Conv2d, BatchNorm2d[, ReLU]) run as one convolution."""
+    i = 0
+    while i < len(modules):
+        if i + 1 < len(modules) and _foldable(modules[i], modules[i + 1]):
+            relu = i + 2 < len(modules) and type(modules[i + 2]) is nn.ReLU
+            x = _conv_bn(modules[i], modules[i + 1], x, relu=relu)
+            i += 3 if relu else 2
+        else:
+            x = modules[i](x)
+            i += 1
+    return x
+
+
+def _channels_last(fn, x):
+    """``fn(x)`` on a channels_last copy of ``x``, the result given back in ``x``'s layout (contiguous input:
+    contiguous output, as the unpatched backbone)."""
+    y = fn(x.contiguous(memory_format=torch.channels_last))
+    if isinstance(y, torch.Tensor) and y.dim() == 4 and x.is_contiguous():
+        y = y.contiguous()
+    return y
+
+
+def _sequential_forward(self, x):
+    if not _fast(self, x):
+        return _own(self, x)
+    return _run_sequential(list(self), x)
+
+
+def _sequential_top_forward(self, x):
+    """The backbone itself an ``nn.Sequential`` (FastMETRO's ResNet without avgpool / fc): channels_last inside."""
+    if not _fast(self, x):
+        return _own(self, x)
+    return _channels_last(lambda t: _run_sequential(list(self), t), x)
+
+
+def _resnet_top_forward(self, x):
+    """torchvision's ``ResNet.forward`` (stem, layer1..4, avgpool, flatten, fc), channels_last inside."""
+    if not _fast(self, x):
+        return _own(self, x)
+
+    def body(t):
+        t = self.maxpool(_conv_bn(self.conv1, self.bn1, t, relu=True))
+        t = self.layer4(self.layer3(self.layer2(self.layer1(t))))
+        return self.fc(torch.flatten(self.avgpool(t), 1))
+    return _channels_last(body, x)
+
+
+def _is_block(m, convs) -> bool:
+    names = [f"conv{i}" for i in range(1, convs + 1)]
+    return (type(m).__name__ == ("Bottleneck" if convs == 3 else "BasicBlock")
+            and all(_foldable(getattr(m, c, None), getattr(m, "bn" + c[4:], None)) for c in names)
+            and not hasattr(m, f"conv{convs + 1}") and type(getattr(m, "relu", None)) is nn.ReLU
+            and (getattr(m, "downsample", None) is None or isinstance(m.downsample, nn.Module)))
+
+
+def _is_resnet(m) -> bool:
+    parts = {"conv1": nn.Conv2d, "bn1": nn.BatchNorm2d, "relu": nn.ReLU, "maxpool": nn.Module, "avgpool": nn.Module,
+             "fc": nn.Module, **{f"layer{i}": nn.Module for i in range(1, 5)}}
+    return (type(m).__name__ == "ResNet" and all(isinstance(getattr(m, a, None), t) for a, t in parts.items())
+            and _foldable(m.conv1, m.bn1))
+
+
+def _has_fold(seq) -> bool:
+    return any(_foldable(a, b) for a, b in zip(seq, list(seq)[1:]))
+
+
+def backbone_forwards(backbone: nn.Module) -> list[tuple[nn.Module, object]]:
+    """The ``(module, forward)`` pairs that make ``backbone`` (a CNN: ResNet, HRNet, an ``nn.Sequential`` of
+    them) fast in inference; ``[]`` when nothing in it is recognised. Nothing is changed here: the caller applies
+    them (``patch``'s ``_patched_class``). Raises TypeError if ``backbone`` is not an ``nn.Module``."""
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+    plan = []
+    for m in backbone.modules():
+        if _is_block(m, 3):
+            plan.append((m, _bottleneck_forward))
+        elif _is_block(m, 2):
+            plan.append((m, _basic_block_forward))
+        elif m is backbone and type(m) is nn.Sequential:
+            plan.append((m, _sequential_top_forward))
+        elif m is backbone and _is_resnet(m):
+            plan.append((m, _resnet_top_forward))
+        elif type(m) is nn.Sequential and _has_fold(m):
+            plan.append((m, _sequential_forward))
+    return plan

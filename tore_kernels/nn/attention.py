@@ -23,8 +23,7 @@ OPEN_TABLE_MAX_KEYS = 16
 def few_keys_table(num_queries: int, num_keys: int, dtype: torch.dtype, device: torch.device):
     """The all-open neighbour table when unmasked attention to ``num_keys`` keys is faster through the CPU kernel
     than through SDPA (fp32, or bf16 where the AVX-512 kernel runs), else None."""
-    fast_dtype = dtype == torch.float32 or (dtype == torch.bfloat16
-                                            and torch.backends.cpu.get_cpu_capability() == "AVX512")
+    fast_dtype = dtype == torch.float32 or (dtype == torch.bfloat16 and backend.cpu_isa() == "avx512")
     if num_keys > OPEN_TABLE_MAX_KEYS or not fast_dtype or backend.choose(OP, device) != "cpu":
         return None
     return open_table(num_queries, num_keys, device)

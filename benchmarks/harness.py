@@ -53,8 +53,8 @@ SETTINGS = {False: (3, 15, 0.05), True: (1, 5, 0.01)}
 
 CSV_FIELDS = ("timestamp", "entry", "params", "variant", "baseline", "status", "median_ms", "q1_ms", "q3_ms",
               "min_ms", "max_ms", "reps", "calls_per_rep", "ratio_vs_baseline", "per_s", "note", "bytes", "gb_per_s",
-              "device", "device_name", "copy_gb_per_s", "cpu_model", "torch_threads", "load_avg_1m", "python", "torch",
-              "torch_cuda", "triton", "tore_kernels", "git_commit")
+              "device", "device_name", "copy_gb_per_s", "cpu_model", "cpu_isa", "bf16_native", "torch_threads",
+              "load_avg_1m", "python", "torch", "torch_cuda", "triton", "tore_kernels", "git_commit")
 
 
 @dataclass(frozen=True)
@@ -264,15 +264,22 @@ def environment(device: torch.device) -> dict[str, Any]:
         triton_version = ""
     try:
         import tore_kernels
+        from tore_kernels import backend
         tore_version = tore_kernels.__version__
+        # where the CPU rows ran: the SIMD clone of the C++ kernels, bf16 nativeness, each op's CPU path
+        cpu = {"cpu_isa": backend.cpu_isa() or "none (no extension)", "bf16_native": backend.bf16_native(),
+               "cpu_summary": backend.cpu_summary(),
+               "cpu_paths": {op: backend.cpu_path(op) for op in backend.registered_ops()}}
     except Exception as exc:
         tore_version = f"unavailable ({type(exc).__name__})"
+        cpu = {"cpu_isa": "", "bf16_native": "", "cpu_summary": "", "cpu_paths": {}}
     return {
         "timestamp": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
         "copy_gb_per_s": copy_bandwidth(device),
         "cpu_model": _cpu_model(),
+        **cpu,
         "torch_threads": torch.get_num_threads(),
         # other processes competing for the cores make CPU timings unreliable: keep the evidence
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
@@ -527,6 +534,9 @@ def run(entries: Iterable[str] | None = None, device: str | torch.device = "cpu"
         print(f"\n{env['device_name']}, {env['torch_threads']} torch threads, torch {env['torch']}, "
               f"triton {env['triton'] or '-'}, tore-kernels {env['tore_kernels']}, "
               f"commit {env['git_commit'][:10] or '-'}")
+        if env["cpu_summary"]:
+            print(f"CPU ISA: {env['cpu_summary']}")
+            print("CPU paths: " + ", ".join(f"{op} [{path}]" for op, path in sorted(env["cpu_paths"].items())))
         if env["load_avg_1m"] is not None and env["load_avg_1m"] > (os.cpu_count() or 1):
             print(f"note: load average {env['load_avg_1m']} on {os.cpu_count()} CPUs at the start: "
                   "other processes competed for the cores, so these timings are noisy")

@@ -2,8 +2,6 @@
 against dense masked softmax attention (SDPA in float64) and nn.MultiheadAttention."""
 import importlib
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ from torch import nn
 
 from tore_kernels import backend
 from tore_kernels.nn.attention import AdjacencyMultiheadAttention
+from isa_clones import run_under_clone
 
 # the submodule (its name is also the exported function's, which `from ... import` would give)
 aa = importlib.import_module("tore_kernels.ops.adjacency_attention")
@@ -268,6 +267,25 @@ def test_forward_projected_op(H, d, N, seq_first, bias):
 
 
 @needs_ext
+@pytest.mark.parametrize("clone", backend.ISA_CLONES)
+def test_out_projected_only_where_it_fuses(clone, monkeypatch):
+    """The module's skip-weights inference path takes the fused attention + out-projection op only in the AVX-512
+    clone (elsewhere that op runs the same two steps with an unpacked GEMM: the caller's packed linear is faster)."""
+    monkeypatch.setenv("TORE_KERNELS_BACKEND", "cpu")
+    monkeypatch.setattr(backend, "cpu_isa", lambda: clone)
+    blocked = GRAPHS["hub_leaf_split"]()
+    t = aa.neighbour_table(blocked, dense_row_degree=blocked.shape[0])
+    q, k, v = qkv_views(2, 8, blocked.shape[0], 16, torch.float32, seed=5, seq_first=True)
+    w, b = torch.randn(128, 128) / 16, torch.randn(128)
+    with torch.no_grad():
+        y = aa.attention_out_projected(q, k, v, t, 0.25, w, b)
+    assert (y is None) == (clone != "avx512")
+    if y is not None:
+        torch.testing.assert_close(y, F.linear(reference(q, k, v, blocked).transpose(1, 2).flatten(2), w, b),
+                                   atol=2e-5, rtol=2e-5)
+
+
+@needs_ext
 def test_forward_projected_op_checks():
     blocked = GRAPHS["dense_rows"]()
     t = aa.neighbour_table(blocked)
@@ -328,7 +346,7 @@ def test_mha_forward_op(E, H, sharing, seq_first, bias):
     nn.MultiheadAttention with the mask, for self-attention over a graph with leaf rows and two components."""
     blocked = ~random_graph(70, 0.04, 16, ("leaf", "split"))
     t = aa.neighbour_table(blocked, dense_row_degree=70)
-    fused = torch.backends.cpu.get_cpu_capability() == "AVX512" and E % 64 == 0 and H != 3
+    fused = backend.cpu_isa() == "avx512" and E % 64 == 0 and H != 3
     assert torch.ops.tore_kernels.adjacency_mha_fused(torch.get_num_threads(), E, H, t.shared.numel() + t.width) \
         == fused  # the fused kernel is what these cases cover, where the CPU has it
     mha, query, key, value = _mha_case(E, H, 70, 70, 3, seq_first, sharing, bias)
@@ -373,7 +391,7 @@ def test_mha_forward_op_checks():
             call(t, **kwargs)
     sparse = aa.neighbour_table(~random_graph(L, 0.01, 5, ("leaf",)))
     assert ops.adjacency_mha_fused(torch.get_num_threads(), 64, 4, sparse.width) == \
-        (torch.backends.cpu.get_cpu_capability() == "AVX512")
+        (backend.cpu_isa() == "avx512")
     for table in (t, sparse):  # the separate steps (the hub row is too wide), the fused kernel: empty batches
         e = x[:0]
         y = ops.adjacency_mha_forward(e, e, e, in_wt, None, table.index, table.count, table.shared, 4, 0.25, out_wt, b)
@@ -393,7 +411,7 @@ def test_mha_fused_only_where_faster():
     the separate steps."""
     fused = torch.ops.tore_kernels.adjacency_mha_fused
     threads = torch.get_num_threads()
-    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    avx512 = backend.cpu_isa() == "avx512"
     assert fused(threads, 128, 8, 16) == avx512 and fused(4 * threads + 1, 128, 8, 16) == avx512
     assert not fused(threads, 128, 8, 17)  # more than 8 vectors of (neighbour, head) scores per row
     assert not fused(threads, 96, 8, 7) and not fused(threads, 128, 3, 7) and not fused(threads, 128, 16, 7)
@@ -423,7 +441,7 @@ def test_module_inference_runs_whole_block_op(batch_first, monkeypatch):
     with torch.no_grad():
         want = mha(qk, qk, v, attn_mask=blocked, need_weights=False)[0]
         got, weights = fast(qk, qk, v, attn_mask=blocked, need_weights=False)
-    assert weights is None and used == [torch.backends.cpu.get_cpu_capability() == "AVX512"]
+    assert weights is None and used == [backend.cpu_isa() == "avx512"]
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
     qk_g = qk.clone().requires_grad_()
     got = fast(qk_g, qk_g, v, attn_mask=blocked, need_weights=False)[0]
@@ -439,7 +457,7 @@ def test_module_inference_runs_whole_block_op(batch_first, monkeypatch):
     with torch.no_grad():
         got = fast(qk, joints, joints, need_weights=False)[0]
         want = mha(qk, joints, joints, need_weights=False)[0]
-    assert used[-1] == (torch.backends.cpu.get_cpu_capability() == "AVX512")
+    assert used[-1] == (backend.cpu_isa() == "avx512")
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
@@ -779,19 +797,17 @@ def test_gpu_report_configs_cover_head_dims_and_dtypes():
             assert f"adjacency_attention_backward[d<={d},{ty}]" in names
 
 
+# the value tests of the CPU kernels: what each ISA clone reruns
+CLONE_TESTS = ("test_forward_weights_op or test_strides_head_dims_layouts or test_module_random_graph or nan_input "
+               "or forward_projected or mha_forward or test_module_inference_runs_whole_block_op "
+               "or test_module_cross_attention_few_keys")
+
+
 @needs_ext
-@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
-def test_cpu_kernel_every_isa_clone(capability):
+@pytest.mark.parametrize("clone", backend.ISA_CLONES)
+def test_cpu_kernel_every_isa_clone(clone):
     """The fp32 forward has AVX-512 and AVX2 kernels and a portable one, chosen once per process by the CPU and
-    ATen's ATEN_CPU_CAPABILITY: rerun the op's value tests under each cap."""
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
-                           env=env, capture_output=True, text=True, check=True)
-    if probe.stdout.strip() != capability.upper():
-        pytest.skip(f"this CPU has no {capability}")
-    tests = ("test_forward_weights_op or test_strides_head_dims_layouts or test_module_random_graph or nan_input "
-             "or forward_projected or mha_forward")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
-                         env=env, capture_output=True, text=True)
-    assert run.returncode == 0 and " passed" in run.stdout and "failed" not in run.stdout, \
-        run.stdout[-3000:] + run.stderr[-2000:]
+    ATen's ATEN_CPU_CAPABILITY: rerun the op's value tests under each clone this CPU can execute (a cap above the
+    CPU would run torch's own kernels into SIGILL)."""
+    run_under_clone(clone, __file__, CLONE_TESTS)
+

@@ -1,7 +1,12 @@
 """backend.py: default choice per device, TORE_KERNELS_BACKEND, fallback with one warning, describe()."""
+import os
+import platform
+import subprocess
+import sys
 import warnings
 
 import pytest
+import torch
 
 from tore_kernels import backend
 
@@ -100,14 +105,62 @@ def test_register_rejects_unknown_names(registry):
 
 
 def test_describe(registry, monkeypatch):
-    assert registry.describe() == {"full": {"cpu": "cpu", "cuda": "triton"},
-                                   "torch_cpu": {"cpu": "cpu", "cuda": "reference"},
-                                   "ref_only": {"cpu": "reference", "cuda": "reference"}}
+    registry.register("cloned", cpu_path=lambda: "C++ AVX2 clone", cpu="extension")
+    assert registry.describe() == {"full": {"cpu": "cpu", "cuda": "triton", "cpu_path": "C++"},
+                                   "torch_cpu": {"cpu": "cpu", "cuda": "reference", "cpu_path": "torch ops"},
+                                   "ref_only": {"cpu": "reference", "cuda": "reference", "cpu_path": "reference"},
+                                   "cloned": {"cpu": "cpu", "cuda": "reference", "cpu_path": "C++ AVX2 clone"}}
     monkeypatch.setenv(backend.ENV_VAR, "reference")
-    assert all(where == {"cpu": "reference", "cuda": "reference"} for where in registry.describe().values())
-    assert registry.registered_ops() == ("full", "torch_cpu", "ref_only")
+    assert all(where == {"cpu": "reference", "cuda": "reference", "cpu_path": "reference"}
+               for where in registry.describe().values())
+    assert registry.registered_ops() == ("full", "torch_cpu", "ref_only", "cloned")
 
 
 def test_extension_flags_are_consistent():
     assert backend.HAS_EXTENSION_CUDA <= backend.HAS_EXTENSION
     assert bool(backend.EXTENSION_CUDA_ARCHS) == backend.HAS_EXTENSION_CUDA
+
+
+needs_ext = pytest.mark.skipif(not backend.HAS_EXTENSION, reason="tore_kernels._C is not built")
+
+
+@needs_ext
+def test_runnable_isas_match_the_cpus_features():
+    """The extension reads the CPU with GCC's __builtin_cpu_supports; torch's cpuinfo library is a second,
+    independent reading of the same cpuid bits (/proc/cpuinfo is not: under qemu-user it shows the host's)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        assert backend.runnable_isas() == ("baseline",) and backend.cpu_isa() == "baseline"
+        return
+    want = ["baseline"]
+    if torch.cpu._is_avx2_supported():
+        want.append("avx2")
+        if torch.cpu._is_avx512_supported():
+            want.append("avx512")
+    assert backend.runnable_isas() == tuple(want)
+    assert backend.cpu_isa() in want
+
+
+@needs_ext
+def test_cpu_isa_follows_aten_capability():
+    """The clone the kernels run: the widest the CPU has, capped by ATEN_CPU_CAPABILITY (in a fresh process: it is
+    read once). A cap is only tried where the CPU can execute it (above, torch's own kernels would die of SIGILL)."""
+    caps = {"baseline": "default", "avx2": "avx2", "avx512": "avx512"}
+    for clone in backend.runnable_isas():
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": caps[clone]}
+        out = subprocess.run([sys.executable, "-c", "from tore_kernels import backend; print(backend.cpu_isa(), "
+                              "backend.runnable_isas()[-1]); print(backend.cpu_summary())"],
+                             env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        first, summary = out.stdout.strip().splitlines()[-2:]
+        assert first.split() == [clone, backend.runnable_isas()[-1]]
+        assert f"run the {backend.ISA_NAMES[clone]} clone" in summary
+        assert ("capped by ATEN_CPU_CAPABILITY" in summary) == (clone != backend.runnable_isas()[-1])
+
+
+def test_bf16_native_is_onednns_predicate(monkeypatch):
+    assert backend.bf16_native() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    monkeypatch.setattr(backend, "cpu_isa", lambda: "avx2")
+    monkeypatch.setattr(backend, "runnable_isas", lambda: ("baseline", "avx2"))
+    monkeypatch.setattr(backend, "bf16_native", lambda: False)
+    assert backend.cpu_summary().endswith("bf16 native: no (emulated, slower than fp32)")
+    assert backend.clone_path() == "C++ AVX2 clone"

@@ -216,13 +216,19 @@ def test_cli_info(monkeypatch, capsys):
     for arch in backend.EXTENSION_CUDA_ARCHS:
         assert f"sm_{arch.replace('.', '')}" in out
     assert ("GPU          none" in out) != torch.cuda.is_available()
-    assert re.search(r"^  zz_fake_op\s+cpu\s+/ reference$", out, re.MULTILINE)
+    assert re.search(r"^  zz_fake_op\s+cpu\s+/ reference\s+\[torch ops\]$", out, re.MULTILINE)
     for op, where in backend.describe().items():
-        assert re.search(rf"^  {op}\s+{where['cpu']}\s+/ {where['cuda']}$", out, re.MULTILINE)
+        assert re.search(rf"^  {op}\s+{where['cpu']}\s+/ {where['cuda']}\s+\[{re.escape(where['cpu_path'])}\]$", out,
+                         re.MULTILINE)
+    assert f"CPU ISA      {backend.cpu_summary()}" in out
+    if backend.HAS_EXTENSION:  # the clone the C++ kernels run, and bf16's nativeness
+        assert f"run the {backend.ISA_NAMES[backend.cpu_isa()]} clone" in out
+    assert f"bf16 native: {'yes' if backend.bf16_native() else 'no'}" in out
 
     monkeypatch.setenv(backend.ENV_VAR, "reference")
     assert cli.main(["info"]) == 0
-    assert re.search(r"^  zz_fake_op\s+reference\s+/ reference$", capsys.readouterr().out, re.MULTILINE)
+    assert re.search(r"^  zz_fake_op\s+reference\s+/ reference\s+\[reference\]$", capsys.readouterr().out,
+                     re.MULTILINE)
 
 
 def test_cli_info_errors(monkeypatch, capsys):

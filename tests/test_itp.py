@@ -1,8 +1,4 @@
 """image_token_prune / ImageTokenPruner against tore_reference (tore-model.md section 1)."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -11,6 +7,7 @@ from tore_kernels.ops.kernel_config import KernelConfig
 from tore_kernels.nn.itp import ImageTokenPruner
 from tore_kernels.ops import itp
 from tore_kernels.ops.itp import image_token_prune
+from isa_clones import run_under_clone
 
 # Kernels round the same intermediates to the input dtype that eager does (conv/GELU output, heatmap,
 # pre-norm tokens); the result is compared with a float64 reference on the same rounded inputs. Every
@@ -324,29 +321,43 @@ def test_post_conv_opcheck(dtype, seq_first):
     torch.library.opcheck(torch.ops.tore_kernels.image_token_prune_post_conv, (*args, 1e-5, seq_first))
 
 
+POST_CONV_SHAPES = [(3, 512, 7, 7, 39, torch.float32), (2, 40, 14, 14, 196, torch.float32),
+                    (2, 36, 9, 9, 50, torch.float32), (2, 64, 5, 5, 20, torch.float32), (2, 20, 3, 5, 7, torch.float32),
+                    (2, 20, 3, 5, 7, torch.float16)]
+
+
 @pytest.mark.skipif(not itp.HAS_POST_CONV_OP, reason="tore_kernels._C not built")
-@pytest.mark.parametrize("B,C,H,W,N,dtype", [(3, 512, 7, 7, 39, torch.float32), (2, 40, 14, 14, 196, torch.float32),
-                                             (2, 36, 9, 9, 50, torch.float32), (2, 64, 5, 5, 20, torch.float32),
-                                             (2, 20, 3, 5, 7, torch.float32), (2, 20, 3, 5, 7, torch.float16)])
-def test_cpu_path_through_post_conv_op(B, C, H, W, N, dtype):
-    """The production shape and the kernel's edge tiles (C % 8 != 0, N = H*W, every narrower tile width and
-    shorter tile height of its GEMMs) against tore_reference; the profiler shows the C++ op ran."""
+@pytest.mark.parametrize("B,C,H,W,N,dtype", POST_CONV_SHAPES)
+def test_post_conv_op_values(B, C, H, W, N, dtype):
+    """The C++ op itself (whichever clone this process runs) at the production shape and the kernel's edge tiles
+    (C % 8 != 0, N = H*W, every narrower tile width and shorter tile height of its GEMMs) against tore_reference."""
+    x, ref, (tokens_ref, heatmap_ref) = _case(B, C, H, W, N, dtype)
+    cw, cb, *rest = _args(ref)
+    with torch.no_grad():
+        for seq_first in (False, True):
+            tokens, heatmap = torch.ops.tore_kernels.image_token_prune_post_conv(
+                torch.nn.functional.conv2d(x, cw, cb, padding=1), x, *rest, ref.layer_norm.eps, seq_first)
+            _assert_close(tokens.transpose(0, 1) if seq_first else tokens, tokens_ref, dtype)
+            _assert_close(heatmap, heatmap_ref, dtype)
+
+
+@pytest.mark.parametrize("B,C,H,W,N,dtype", POST_CONV_SHAPES[:1] + POST_CONV_SHAPES[-1:])
+def test_cpu_path_runs_post_conv_op_where_a_clone_does(B, C, H, W, N, dtype):
+    """The cpu implementation runs the C++ op where the kernels run an AVX2 or AVX-512 clone and torch's ops
+    elsewhere (the baseline build is the slower one there); the values match tore_reference either way."""
     assert itp.backend.choose(itp.OP, "cpu") == "cpu"
+    assert itp.uses_post_conv_op() == (itp.HAS_POST_CONV_OP and itp.backend.cpu_isa() in ("avx2", "avx512"))
     with torch.profiler.profile() as prof:
         _check(B, C, H, W, N, dtype)
-    assert any(e.key == "tore_kernels::image_token_prune_post_conv" for e in prof.key_averages())
+    ran = any(e.key == "tore_kernels::image_token_prune_post_conv" for e in prof.key_averages())
+    assert ran == itp.uses_post_conv_op()
 
 
 @pytest.mark.skipif(not itp.HAS_POST_CONV_OP, reason="tore_kernels._C not built")
-@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
-def test_post_conv_op_every_isa_clone(capability):
-    """The C++ op compiles its fp32 sample function for the baseline ISA, AVX2 and AVX-512VL and runs the widest
-    that ATen's ATEN_CPU_CAPABILITY allows (read once per process): rerun the op's value tests under each cap."""
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
-                           env=env, capture_output=True, text=True, check=True)
-    if probe.stdout.strip() != capability.upper():
-        pytest.skip(f"this CPU has no {capability}")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                          "test_cpu_path_through_post_conv_op"], env=env, capture_output=True, text=True)
-    assert run.returncode == 0 and "6 passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
+@pytest.mark.parametrize("clone", itp.backend.ISA_CLONES)
+def test_post_conv_op_every_isa_clone(clone):
+    """The C++ op compiles its sample function for the baseline ISA, AVX2 and AVX-512VL and runs the widest that
+    the CPU and ATEN_CPU_CAPABILITY allow (read once per process): rerun its value tests and the path choice
+    under each clone this CPU can execute."""
+    run_under_clone(clone, __file__, "test_post_conv_op_values or test_cpu_path_runs_post_conv_op_where_a_clone_does",
+                    expect_passed=len(POST_CONV_SHAPES) + 2)

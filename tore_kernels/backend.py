@@ -9,6 +9,11 @@ Implementations:
 By default a CUDA tensor gets triton, else cuda, else reference; a CPU tensor gets cpu, else
 reference. ``TORE_KERNELS_BACKEND=reference|cpu|cuda|triton`` forces one; where the forced one
 cannot run (not built, wrong device) the default is used with one warning per op.
+
+CPU kernels in tore_kernels._C are compiled per x86 SIMD ISA ("clones": baseline, avx2, avx512) and run the widest
+the CPU has and ATEN_CPU_CAPABILITY allows (``cpu_isa()``); aarch64 gets the portable build. Where an op's C++
+kernel is slower than torch's own ops on some ISA, the op's module picks torch's there and says so through
+``register(..., cpu_path=...)`` (printed by `tore-kernels info` and `bench`).
 """
 from __future__ import annotations
 
@@ -54,18 +59,73 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+ISA_CLONES = ("baseline", "avx2", "avx512")  # narrowest first
+ISA_NAMES = {"baseline": "baseline", "avx2": "AVX2", "avx512": "AVX-512"}
+
+
+@functools.lru_cache(maxsize=None)
+def _isa() -> tuple[str | None, str | None]:
+    if _C is None or not hasattr(torch.ops.tore_kernels, "cpu_isa"):
+        return None, None
+    return tuple(torch.ops.tore_kernels.cpu_isa())
+
+
+def cpu_isa() -> str | None:
+    """The SIMD clone the C++ CPU kernels run in this process: 'baseline', 'avx2' or 'avx512' (the widest the CPU
+    has and ATEN_CPU_CAPABILITY allows; fixed at the first call); None without the extension."""
+    return _isa()[0]
+
+
+def runnable_isas() -> tuple[str, ...]:
+    """The clones this CPU can execute, whatever ATEN_CPU_CAPABILITY says (read from the CPU by the extension, as
+    ``cpu_isa()`` does); ('baseline',) without the extension."""
+    widest = _isa()[1] or "baseline"
+    return ISA_CLONES[:ISA_CLONES.index(widest) + 1]
+
+
+def bf16_native() -> bool:
+    """Whether this CPU computes bf16 natively (oneDNN's predicate: AVX-512 BF16 / AMX, or AVX-NE-CONVERT);
+    elsewhere bf16 matrix products are emulated and far slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 _REGISTRY: dict[str, dict[str, str | None]] = {}
+_CPU_PATHS: dict[str, object] = {}
 _WARNED: set[tuple[str, str, str]] = set()
 
 
-def register(op: str, **implementations: str | None) -> None:
-    """Declare the implementations of ``op``: name -> what it needs (None, 'extension', 'extension_cuda', 'triton')."""
+def register(op: str, *, cpu_path=None, **implementations: str | None) -> None:
+    """Declare the implementations of ``op``: name -> what it needs (None, 'extension', 'extension_cuda', 'triton').
+    ``cpu_path``: a callable returning what the cpu implementation runs on this CPU (e.g. "C++ AVX2 clone"),
+    for `tore-kernels info` / `bench`."""
     for name, need in implementations.items():
         if name not in BACKENDS:
             raise ValueError(f"register({op!r}): unknown implementation {name!r}; expected one of {BACKENDS}")
         if need not in REQUIREMENTS:
             raise ValueError(f"register({op!r}): unknown requirement {need!r}; expected one of {REQUIREMENTS}")
     _REGISTRY[op] = {"reference": None, **implementations}
+    if cpu_path is not None:
+        _CPU_PATHS[op] = cpu_path
+
+
+def clone_path() -> str:
+    """What a C++ CPU kernel with per-ISA clones runs in this process, e.g. "C++ AVX2 clone"."""
+    isa = cpu_isa()
+    return f"C++ {ISA_NAMES[isa]} clone" if isa else "torch ops (no extension)"
+
+
+def cpu_path(op: str) -> str:
+    """What ``op``'s chosen implementation runs for CPU tensors on this CPU."""
+    impl = choose(op, "cpu", warn=False)
+    if impl != "cpu":
+        return impl
+    describe_path = _CPU_PATHS.get(op)
+    if describe_path is None:
+        return "torch ops" if _REGISTRY[op]["cpu"] is None else "C++"
+    return describe_path()
 
 
 def registered_ops() -> tuple[str, ...]:
@@ -121,5 +181,19 @@ def choose(op: str, device: torch.device | str, warn: bool = True) -> str:
 
 
 def describe() -> dict[str, dict[str, str]]:
-    """For `tore-kernels info`: which implementation each op would use on CPU and CUDA tensors."""
-    return {op: {dev: choose(op, dev, warn=False) for dev in ("cpu", "cuda")} for op in _REGISTRY}
+    """For `tore-kernels info`: which implementation each op would use on CPU and CUDA tensors, and what the CPU
+    one runs on this CPU."""
+    return {op: {"cpu": choose(op, "cpu", warn=False), "cuda": choose(op, "cuda", warn=False),
+                 "cpu_path": cpu_path(op)} for op in _REGISTRY}
+
+
+def cpu_summary() -> str:
+    """One line: the CPU's widest clone, the one running (and why, when capped), and whether bf16 is native."""
+    isa = cpu_isa()
+    if isa is None:
+        return f"no C++ kernels (extension not built); ATen {torch.backends.cpu.get_cpu_capability()}; " \
+               f"bf16 native: {'yes' if bf16_native() else 'no'}"
+    widest = runnable_isas()[-1]
+    capped = "" if isa == widest else f" (CPU has {ISA_NAMES[widest]}; capped by ATEN_CPU_CAPABILITY)"
+    return f"C++ kernels run the {ISA_NAMES[isa]} clone{capped}; ATen {torch.backends.cpu.get_cpu_capability()}; " \
+           f"bf16 native: {'yes' if bf16_native() else 'no (emulated, slower than fp32)'}"

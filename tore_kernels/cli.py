@@ -38,17 +38,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         print("GPU          none")
     print(f"CPU threads  {torch.get_num_threads()} (torch)")
+    print(f"CPU ISA      {backend.cpu_summary()}")
     print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s}  "
           f"{backend.ENV_VAR}={os.environ.get(backend.ENV_VAR, '') or 'auto'}")
     modules = gpu_report.import_modules(gpu_report.op_module_names())  # registers every op with backend
     broken = {name: exc for name, exc in modules.items() if isinstance(exc, Exception)}
     table = backend.describe()
-    print("\nbackend per op (CPU tensors / CUDA tensors):")
+    print("\nbackend per op (CPU tensors / CUDA tensors; what the CPU one runs on this CPU):")
     if not table:
         print("  (no ops registered)")
     width = max((len(op) for op in table), default=0)
     for op, where in sorted(table.items()):
-        print(f"  {op.ljust(width)}  {where['cpu']:<9} / {where['cuda']}")
+        print(f"  {op.ljust(width)}  {where['cpu']:<9} / {where['cuda']:<9}  [{where['cpu_path']}]")
     for name, exc in broken.items():
         print(f"  {name}: import failed: {type(exc).__name__}: {exc}")
     return EXIT_FAILED if broken else EXIT_OK

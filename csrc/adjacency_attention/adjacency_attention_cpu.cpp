@@ -892,12 +892,17 @@ at::Tensor adjacency_attention_forward_projected_cpu(const at::Tensor& q, const 
                   (b.dim() == 1 && b.size(0) == N && b.is_contiguous() && b.scalar_type() == q.scalar_type()),
               "adjacency_attention_forward_projected: bias must be a contiguous [N = ", N, "] tensor of q's dtype");
   check_no_dense_rows(count, "adjacency_attention_forward_projected");
-  at::Tensor y = empty_tokens(B, L, N, q.stride(0) < q.stride(2), q.options());
+  const bool seq_first = q.stride(0) < q.stride(2);
+  at::Tensor y = empty_tokens(B, L, N, seq_first, q.options());
   if (try_fused_projected(q, k, v, make_table(index, count, shared), scale, wt, b, y))
     return y;
-  auto [out, lse, weights] = forward_impl(q, k, v, index, count, shared, scale, 0, false);
-  at::Tensor flat = out.permute({0, 2, 1, 3}).reshape({B, L, HD});
-  y.copy_(b.defined() ? at::addmm(b, flat.reshape({B * L, HD}), wt).view({B, L, N}) : at::matmul(flat, wt));
+  // Otherwise two steps: the attention written in y's token order with each [H, d] block contiguous (so the AVX2
+  // row kernel applies: a BHLd output would take the portable kernel), then one GEMM straight into y.
+  auto [out, lse, weights] = forward_impl(q, k, v, index, count, shared, scale, seq_first ? 2 : 1, false);
+  const at::Tensor flat = (seq_first ? out.permute({2, 0, 1, 3}) : out.permute({0, 2, 1, 3})).view({B * L, HD});
+  at::Tensor y_rows = (seq_first ? y.permute({1, 0, 2}) : y).view({B * L, N});
+  if (b.defined()) at::addmm_out(y_rows, b, flat, wt);
+  else at::mm_out(y_rows, flat, wt);
   return y;
 }
 

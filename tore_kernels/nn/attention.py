@@ -25,8 +25,7 @@ def few_keys_table(num_queries: int, num_keys: int, dtype: torch.dtype, device: 
     than through SDPA (fp32, or bf16 where the AVX-512 kernel runs), else None."""
     if torch.compiler.is_compiling():  # SDPA, which inductor traces, rather than a graph break for the table
         return None
-    fast_dtype = dtype == torch.float32 or (dtype == torch.bfloat16
-                                            and torch.backends.cpu.get_cpu_capability() == "AVX512")
+    fast_dtype = dtype == torch.float32 or (dtype == torch.bfloat16 and backend.cpu_isa() == "avx512")
     if num_keys > OPEN_TABLE_MAX_KEYS or not fast_dtype or backend.choose(OP, device) != "cpu":
         return None
     return open_table(num_queries, num_keys, device)

@@ -27,7 +27,7 @@ from .kernel_config import KernelConfig
 from .linear import derived_weight
 
 OP = "adjacency_attention"
-backend.register(OP, reference=None, cpu="extension", triton="triton")
+backend.register(OP, cpu_path=backend.clone_path, reference=None, cpu="extension", triton="triton")
 
 # out storage orders the kernels can write ([B, H, L, d] viewed through strides)
 LAYOUT_BHLD, LAYOUT_BLHD, LAYOUT_LBHD = 0, 1, 2
@@ -312,9 +312,11 @@ def attention_out_projected(q, k, v, table: NeighbourTable, scale: float, weight
                             bias: torch.Tensor | None) -> torch.Tensor | None:
     """Inference on CPU: ``F.linear(out, weight, bias)`` of the attention output as ``[B, L, N]`` (in q's token
     order), computed by the C++ op that out-projects each block of rows while it is in cache; None where that op
-    does not apply (another backend or dtype, autograd, dense rows): the caller runs the two steps."""
+    does not apply (another backend or dtype, autograd, dense rows) or is not the faster choice: the caller runs
+    the two steps. The op fuses only in the AVX-512 clone; elsewhere it runs the same two steps with an unpacked
+    GEMM, slower than the caller's oneDNN-packed linear (AVX2, batch 32: no faster than computing the weights too)."""
     tensors = (q, k, v, weight) if bias is None else (q, k, v, weight, bias)
-    if not (_HAS_PROJECTED and _cpu_inference(table, tensors)):
+    if not (_HAS_PROJECTED and backend.cpu_isa() == "avx512" and _cpu_inference(table, tensors)):
         return None
     wt = derived_weight(weight, "transposed", lambda w: w.t().contiguous())
     return torch.ops.tore_kernels.adjacency_attention_forward_projected(q, k, v, table.index, table.count,

@@ -4,9 +4,10 @@
 ``[N, HW]``) and ``LayerNorm_[N,C](A @ F_flat)`` (the tokens ``[N, C]``). Implementations:
 
 * ``reference``: the eager sequence exactly as the released code writes it (the fallback).
-* ``cpu`` on CPU tensors: oneDNN's conv, then one C++ op (``torch.ops.tore_kernels.image_token_prune_post_conv``,
-  csrc/itp/itp_cpu.cpp) for GELU, fc, softmax, ``A @ F`` and LayerNorm in a single parallel loop over the batch.
-* ``cpu`` elsewhere (and the recompute in backward): the same maths in torch, everything after the conv reshaped
+* ``cpu`` on CPU tensors where the C++ kernels run an AVX2 or AVX-512 clone (``uses_post_conv_op``): oneDNN's conv,
+  then one C++ op (``torch.ops.tore_kernels.image_token_prune_post_conv``, csrc/itp/itp_cpu.cpp) for GELU, fc,
+  softmax, ``A @ F`` and LayerNorm in a single parallel loop over the batch.
+* ``cpu`` elsewhere (other CPUs too) (and the recompute in backward): the same maths in torch, everything after the conv reshaped
   so no transpose or copy is made:
   the linear applied as ``fc_weight @ h`` (one baddbmm with the bias) so the logits come out
   already in the heatmap layout ``[B, N, HW]`` (softmax then runs over the contiguous axis), the
@@ -35,7 +36,21 @@ from .. import backend
 from .kernel_config import KernelConfig
 
 OP = "image_token_prune"
-backend.register(OP, reference=None, cpu=None, triton="triton")
+# The C++ post-conv op runs where one of its SIMD clones does. Its baseline build (x86 without AVX2, aarch64) splits
+# each 32-byte vector op: measured ~50x slower than the AVX2 clone and slower than torch's own ops, which run there.
+POST_CONV_OP_ISAS = ("avx2", "avx512")
+
+
+def uses_post_conv_op() -> bool:
+    """Whether the cpu implementation runs the C++ post-conv op on this CPU (else torch's ops after the conv)."""
+    return HAS_POST_CONV_OP and backend.cpu_isa() in POST_CONV_OP_ISAS
+
+
+def _cpu_path() -> str:
+    return f"conv + {backend.clone_path()}" if uses_post_conv_op() else "torch ops (faster than the baseline C++ build)"
+
+
+backend.register(OP, cpu_path=_cpu_path, reference=None, cpu=None, triton="triton")
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -395,7 +410,7 @@ def image_token_prune(features, conv_weight, conv_bias, fc_weight, fc_bias, ln_w
             warnings.warn(f"image_token_prune: the Triton kernel does not cover this input ({why}); "
                           "using the torch path.", RuntimeWarning, stacklevel=2)
         impl = "cpu"
-    if impl == "cpu" and HAS_POST_CONV_OP and features.device.type == "cpu":
+    if impl == "cpu" and features.device.type == "cpu" and uses_post_conv_op():
         return torch.ops.tore_kernels.image_token_prune_post_conv(
             F.conv2d(features, conv_weight, conv_bias, padding=1), features, fc_weight, fc_bias, ln_weight, ln_bias,
             float(eps), bool(seq_first))

@@ -20,8 +20,12 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _EPS = 1e-12  # the released loss's min-max normalisation epsilon
 _MAX_CELLS = 2**31 - 2  # the kernels index cells (and one spare) with int32 (checked in C++ too)
 
-backend.register("weak_perspective_project", cpu="extension", cuda="extension_cuda")
-backend.register("token_occupancy", cpu="extension", cuda="extension_cuda")
+def _portable() -> str:  # scalar C++ loops, compiled once for the CPU family (no per-ISA clones)
+    return "C++ portable build"
+
+
+backend.register("weak_perspective_project", cpu_path=_portable, cpu="extension", cuda="extension_cuda")
+backend.register("token_occupancy", cpu_path=_portable, cpu="extension", cuda="extension_cuda")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -83,6 +83,7 @@ def runnable_isas() -> tuple[str, ...]:
     return ISA_CLONES[:ISA_CLONES.index(widest) + 1]
 
 
+@functools.lru_cache(maxsize=None)
 def bf16_native() -> bool:
     """Whether this CPU computes bf16 natively (oneDNN's predicate: AVX-512 BF16 / AMX, or AVX-NE-CONVERT);
     elsewhere bf16 matrix products are emulated and far slower than fp32."""

@@ -14,11 +14,13 @@ not a graph constant it could trace. bf16 weights are packed only where the CPU 
 """
 from __future__ import annotations
 
-import functools
 import weakref
 
 import torch
 import torch.nn.functional as F
+
+# the one predicate (backend's), looked up here by linear and patch(dtype=bf16) so that tests can fake it
+from ..backend import bf16_native  # noqa: F401
 
 # private ops (inductor's CPU linear fusion uses them): without them every call is F.linear
 _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -51,19 +53,6 @@ def drop_derived(tensors) -> None:
     for key, hit in list(_DERIVED.items()):
         if key[0] in live and hit[0]() is live[key[0]]:
             _DERIVED.pop(key, None)
-
-
-def bf16_native() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16, AMX or AVX-NE-CONVERT, as oneDNN reports it). Where
-    it does not, oneDNN emulates bf16 (tens of times slower than fp32) and refuses to pack bf16 weights. The one
-    place that decides, for ``linear`` and ``patch(dtype=torch.bfloat16)``; tests fake it."""
-    return _cpu_bf16()
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_bf16() -> bool:
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(torch.backends.mkldnn.is_available() and check is not None and check())
 
 
 def _bf16_autocast() -> bool:

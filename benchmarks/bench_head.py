@@ -4,7 +4,8 @@ bf16), and, for the head, vs ``torch.compile`` of the patched model. Two rows pe
 included (torchvision's ResNet-50 when torchvision is installed, else a small random ResNet-style CNN, named in the row),
 and an identity backbone over precomputed ``[B, 2048, 7, 7]`` features (the head alone). TORE-FastMETRO-L ITP+GTR,
 FastMETRO-L body, TORE-METRO (its NSR ``transformer_3`` after METRO's encoder) and METRO (its 445-token BERT
-encoder); released L sizes, random weights, eval mode, no_grad. ``gemm``: a plain fp32 vs bf16 matmul."""
+encoder); released L sizes, random weights, eval mode, no_grad. ``gemm``: a plain fp32 vs bf16 matmul; ``linear``: the
+packed inference linear vs F.linear on the head's shapes."""
 import copy
 
 import torch
@@ -74,3 +75,31 @@ def gemm(device, quick):
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a16, b16 = a.bfloat16(), b.bfloat16()
     yield Case("gemm", {"m=n=k": n}, {"fp32": lambda: a @ b, "bf16": lambda: a16 @ b16})
+
+
+# (rows, in, out) of the head's linears: one sample's joint tokens (14), image tokens (40), vertex tokens (431),
+# and their batch-32 counts; with a single row and the smallest weights, which linear leaves to F.linear
+LINEAR_SHAPES = ((1, 512, 512), (14, 128, 128), (14, 512, 2048), (40, 512, 512), (40, 2048, 512), (431, 128, 512),
+                 (1280, 512, 2048), (1280, 2048, 512), (13792, 512, 128))
+
+
+@entry("linear")
+def linear_paths(device, quick):
+    """``tore_kernels.ops.linear.linear`` (in inference: MKL's packed GEMM, or F.linear for small products) vs
+    ``F.linear`` on the head's shapes, over 8 weights in turn, as a forward reads them (from memory, not cache)."""
+    from torch.nn import functional as F
+
+    from tore_kernels.ops.linear import linear
+
+    shapes = LINEAR_SHAPES[:3] if quick else LINEAR_SHAPES
+    for m, k, n in shapes:
+        weights = [nn.Parameter(torch.randn(n, k, device=device)) for _ in range(8)]
+        x = torch.randn(m, k, device=device)
+
+        def run(fn):
+            def call():
+                with torch.no_grad():
+                    for w in weights:
+                        fn(x, w)
+            return call
+        yield Case("linear", {"rows": m, "in": k, "out": n}, {"F.linear": run(F.linear), "patched": run(linear)})

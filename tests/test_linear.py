@@ -7,41 +7,74 @@ import torch
 import torch.nn.functional as F
 
 lin = importlib.import_module("tore_kernels.ops.linear")
-packs = pytest.mark.skipif(not lin._ONEDNN, reason="torch without oneDNN or its packed-linear ops")
+packs = pytest.mark.skipif(not (lin._MKL or lin._ONEDNN), reason="torch without MKL or oneDNN packed-linear ops")
 
 
 def _packed_entries(weight):
-    return [k for k in lin._DERIVED if k[0] == id(weight) and k[1].startswith("onednn")]
+    return [k for k in lin._DERIVED if k[0] == id(weight) and k[1].startswith(("onednn", "mkl"))]
+
+
+def _big(seed, out=512, rows=90, k=256):
+    """A weight and an input large enough for the packed path (rows x k x out over ``SMALL_PRODUCT``)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.Parameter(torch.randn(out, k, generator=g)), torch.randn(rows, k, generator=g)
 
 
 @packs
-@pytest.mark.parametrize("rows", [None, (0, 24), (24, 72)])
+@pytest.mark.parametrize("rows", [None, (0, 256), (256, 512)])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_f_linear(rows, relu, bias):
+@pytest.mark.parametrize("mkl", [True, False], ids=["mkl", "onednn"])
+def test_matches_f_linear(rows, relu, bias, mkl, monkeypatch):
+    if mkl and not lin._MKL or not mkl and not lin._ONEDNN:
+        pytest.skip("torch without " + ("MKL" if mkl else "oneDNN"))
+    monkeypatch.setattr(lin, "_MKL", mkl)  # without MKL (aarch64 builds) fp32 packs for oneDNN
     g = torch.Generator().manual_seed(0)
-    w = torch.nn.Parameter(torch.randn(72, 40, generator=g))
-    b = torch.nn.Parameter(torch.randn(72, generator=g)) if bias else None
-    x = torch.randn(9, 5, 40, generator=g).transpose(0, 1)  # 3-D and not contiguous, as attention inputs are
-    lo, hi = rows or (0, 72)
+    w = torch.nn.Parameter(torch.randn(512, 256, generator=g))
+    b = torch.nn.Parameter(torch.randn(512, generator=g)) if bias else None
+    x = torch.randn(30, 3, 256, generator=g).transpose(0, 1)  # 3-D and not contiguous, as attention inputs are
+    lo, hi = rows or (0, 512)
     want = F.linear(x, w[lo:hi], None if b is None else b[lo:hi])
     want = want.relu() if relu else want
     with torch.no_grad():
         got = lin.linear(x, w, b, rows=rows, relu=relu)
-    assert _packed_entries(w), "the inference call did not take the packed path"
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert [k for k in _packed_entries(w) if k[1].startswith("mkl" if mkl else "onednn")], \
+        "the inference call did not take the packed path"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@packs
+@pytest.mark.parametrize("rows,k,out", [(1, 2048, 2048), (14, 128, 128), (40, 512, 128)],
+                         ids=["one-row", "small-weight", "small-product"])
+def test_small_products_run_f_linear(rows, k, out):
+    # where a packed GEMM's fixed cost exceeds what it saves (see SMALL_PRODUCT), linear is F.linear itself
+    w, x = _big(6, out=out, rows=rows, k=k)
+    with torch.no_grad():
+        assert torch.equal(lin.linear(x, w, relu=True), F.linear(x, w).relu())
+    assert not _packed_entries(w)
+
+
+@pytest.mark.skipif(not lin._MKL, reason="torch without MKL")
+def test_mkl_packs_per_row_count_up_to_a_limit():
+    w, x = _big(7)
+    with torch.no_grad():
+        for m in range(90, 90 + lin.MAX_PACKED_ROWS + 2):  # batch shapes beyond the limit run F.linear
+            xm = torch.randn(m, x.shape[1])
+            torch.testing.assert_close(lin.linear(xm, w), F.linear(xm, w), rtol=1e-5, atol=1e-4)
+    (key,) = _packed_entries(w)
+    packs = lin._DERIVED[key][2]
+    assert sorted(m for m in packs if m != "rows") == list(range(90, 90 + lin.MAX_PACKED_ROWS))
 
 
 @packs
 def test_cache_follows_the_parameter():
-    w = torch.nn.Parameter(torch.randn(16, 8))
-    x = torch.randn(4, 8)
+    w, x = _big(8)
     with torch.no_grad():
         lin.linear(x, w)
         w.mul_(2)  # in place: a new version
-        torch.testing.assert_close(lin.linear(x, w), x @ w.t())
-        w.data = torch.randn(16, 8)  # a new storage
-        torch.testing.assert_close(lin.linear(x, w), x @ w.t())
+        torch.testing.assert_close(lin.linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-4)
+        w.data = torch.randn(w.shape)  # a new storage
+        torch.testing.assert_close(lin.linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-4)
     assert len(_packed_entries(w)) == 1
     key = _packed_entries(w)[0]
     del w
@@ -69,10 +102,11 @@ def test_bf16_autocast_and_inference_mode():
     w, b = torch.nn.Parameter(torch.randn(32, 64, generator=g)), torch.nn.Parameter(torch.randn(32, generator=g))
     x = torch.randn(10, 64, generator=g)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        got = lin.linear(x, w, b)
-        want = F.linear(x, w, b)
-    assert got.dtype == want.dtype == torch.bfloat16
+        got, got_rows = lin.linear(x, w, b), lin.linear(x, w, b, rows=(8, 24))
+        want, want_rows = F.linear(x, w, b), F.linear(x, w[8:24], b[8:24])
+    assert got.dtype == want.dtype == got_rows.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(got_rows.float(), want_rows.float(), rtol=2e-2, atol=5e-2)
     # the cache made under inference_mode still serves (and training still runs F.linear) outside it
     with torch.no_grad():
         lin.linear(x, w, b)
@@ -80,10 +114,12 @@ def test_bf16_autocast_and_inference_mode():
     assert w.grad is not None
 
 
-def test_without_onednn_is_f_linear():
-    w, x = torch.randn(8, 4), torch.randn(3, 4)
+def test_without_mkl_or_onednn_is_f_linear(monkeypatch):
+    monkeypatch.setattr(lin, "_MKL", False)
+    w, x = _big(9)
     with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
         assert torch.equal(lin.linear(x, w, relu=True), F.linear(x, w).relu())
+    assert not _packed_entries(w)
 
 
 @packs
@@ -91,9 +127,8 @@ def test_bf16_not_packed_without_native_bf16(monkeypatch):
     # where oneDNN would refuse to pack bf16 weights ("bf16 path needs the cpu support avx_ne_convert or
     # avx512bw..."), linear runs F.linear under autocast (bf16 emulated, as torch does) and packs only fp32
     monkeypatch.setattr(lin, "bf16_native", lambda: False)
-    g = torch.Generator().manual_seed(4)
-    w, b = torch.nn.Parameter(torch.randn(32, 64, generator=g)), torch.nn.Parameter(torch.randn(32, generator=g))
-    x = torch.randn(10, 64, generator=g)
+    w, x = _big(4)
+    b = torch.nn.Parameter(torch.randn(w.shape[0]))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         got = lin.linear(x, w, b, relu=True)
         want = F.linear(x, w, b).relu()

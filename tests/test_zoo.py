@@ -197,6 +197,24 @@ def test_compile_of_patched_model(name, device):
         assert_all_close(run(compiled, other), ref_other)
 
 
+def test_compile_leaves_patched_eval_forwards_eager(device):
+    """In eval mode compile runs patch's forwards as they are (their graph-broken compile was slower); in training
+    it traces the released code they fall back to."""
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    model = patch(build("tore_fastmetro", device))
+    images = images_on(device)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        ref = run(model, images)
+        assert_all_close(run(compiled, images), ref)
+    assert counter.frame_count == 0  # the whole patched forward ran outside Dynamo
+    model.train()
+    run(compiled, images)
+    assert counter.frame_count > 0
+
+
 def test_tore_metro_parts_patched_equal_eager(device):
     """TORE-METRO's parts on their own (the released forward needs CUDA and SMPL): trans_encoder,
     transformer_3 with the mask the model passes (attention_mask_3) and the learned upsampling."""

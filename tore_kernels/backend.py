@@ -98,6 +98,19 @@ _CPU_PATHS: dict[str, object] = {}
 _WARNED: set[tuple[str, str, str]] = set()
 
 
+def separate_inductor_cache() -> None:
+    """Give runs under ``ATEN_CPU_CAPABILITY`` their own inductor cache (unless ``TORCHINDUCTOR_CACHE_DIR`` is set).
+    Inductor's on-disk cache does not key its CPU kernels on that cap: a run capped at avx2 reused kernels compiled
+    uncapped, and the reverse, and got wrong results or heap corruption (torch 2.14.1). The tests and the
+    benchmarks call this first; the library leaves the environment alone."""
+    cap = os.environ.get("ATEN_CPU_CAPABILITY")
+    if cap and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        import getpass
+        import tempfile
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(),
+                                                             f"torchinductor_{getpass.getuser()}_{cap}")
+
+
 def register(op: str, *, cpu_path=None, **implementations: str | None) -> None:
     """Declare the implementations of ``op``: name -> what it needs (None, 'extension', 'extension_cuda', 'triton').
     ``cpu_path``: a callable returning what the cpu implementation runs on this CPU (e.g. "C++ AVX2 clone"),

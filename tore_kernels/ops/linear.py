@@ -1,16 +1,17 @@
-"""Inference linears with weights packed once for oneDNN, and the per-parameter cache they share with
-``patch(dtype=torch.bfloat16)``'s bf16 weight copies.
+"""Inference linears with weights packed once, and the per-parameter cache they share with
+``patch(dtype=torch.bfloat16)``'s bf16 weight copies and the backbone's folded convolutions.
 
 On CPU, ``F.linear`` hands the plain ``[out, in]`` weight to the GEMM, which repacks it into its blocked layout
-on every call; for the head's GEMMs (K = 128..2048, N = 128..2048) that costs 5-30 % of their time. oneDNN's
-linear takes a weight reordered once (``torch.ops.mkldnn._reorder_linear_weight``) and fuses the bias and a
-ReLU. The packed copy is derived data: it lives outside the module (no state_dict change), is rebuilt when the
-parameter changes (its version counter or storage), and dies with the parameter or with ``unpatch`` (it doubles
-the memory of the linears' weights meanwhile). It is used only where autograd does not need the linear (no grad
-mode, or no input requiring grad): training runs ``F.linear`` unchanged. Under ``torch.compile`` it is
-``F.linear`` too: inductor packs the weights itself (``torch._inductor.config.freezing``), and the packed copy is
-not a graph constant it could trace. bf16 weights are packed only where the CPU computes bf16 natively
-(:func:`bf16_native`): elsewhere oneDNN refuses to pack them.
+on every call; for the head's GEMMs (K = 128..2048, N = 128..2048) that costs 5-20 % of their time. In fp32,
+MKL's packed GEMM (``torch.ops.mkl._mkl_linear``, what inductor's freezing uses) takes the weight packed once per
+row count; without MKL (aarch64 builds) oneDNN's linear takes it reordered once; bf16 runs on oneDNN's. Small
+products and single rows stay on ``F.linear``, which is faster there. The packed copy is derived data: it lives
+outside the module (no state_dict change), is rebuilt when the parameter changes (its version counter or
+storage), and dies with the parameter or with ``unpatch`` (one more copy of the weights per batch shape
+meanwhile). It is used only where autograd does not need the linear (no grad mode, or no input requiring grad):
+training runs ``F.linear`` unchanged. Under ``torch.compile`` it is ``F.linear`` too: inductor packs the weights
+itself (``torch._inductor.config.freezing``), and the packed copy is not a graph constant it could trace. bf16
+weights are packed only where the CPU computes bf16 natively (:func:`bf16_native`): elsewhere oneDNN refuses.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from ..backend import bf16_native  # noqa: F401
 # private ops (inductor's CPU linear fusion uses them): without them every call is F.linear
 _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+_MKL = (torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+        and hasattr(torch.ops.mkl, "_mkl_linear"))
 _DERIVED: dict[tuple[int, str], tuple] = {}  # (id(parameter), tag) -> (weakref, (version, data_ptr), tensor)
 
 
@@ -59,34 +62,73 @@ def _bf16_autocast() -> bool:
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
-def _packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return (x.device.type == "cpu" and weight.device.type == "cpu" and weight.dim() == 2 and x.dim() >= 2
-            and x.shape[-1] == weight.shape[1] and weight.dtype in (torch.float32, torch.bfloat16)
-            and x.dtype in (torch.float32, torch.bfloat16)
-            and (x.dtype == weight.dtype or _bf16_autocast()) and (bias is None or bias.dtype == weight.dtype)
-            and _ONEDNN and torch.backends.mkldnn.enabled and not x.is_mkldnn and not torch.compiler.is_compiling()
-            and ((weight.dtype != torch.bfloat16 and not _bf16_autocast()) or bf16_native())
+# fp32 products below these sizes (rows x in x out, in x out) run F.linear: there a packed GEMM's fixed cost (1.5-3x
+# F.linear's time at 14 x 128 x 128, one sample's joint tokens) outweighs the repacking it saves (measured on
+# AVX-512 and AVX2: ``tore-kernels bench linear``); and so does a single row (a matrix-vector product)
+SMALL_PRODUCT, SMALL_WEIGHT = 4_000_000, 128 * 512
+MAX_PACKED_ROWS = 4  # MKL packs per row count M: at most this many batch shapes per weight, then F.linear
+
+
+def _path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> str | None:
+    """How ``linear`` runs: "mkl" (fp32, MKL's packed GEMM), "onednn" (bf16, or fp32 without MKL) or None
+    (F.linear: training, other devices, small products, tracing). The cheap size test first: most of the head's
+    linears are small at batch 1, and this runs before each of them."""
+    if x.dim() < 2 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        return None
+    k, size = x.shape[-1], x.numel()
+    bf16 = weight.dtype == torch.bfloat16 or _bf16_autocast()
+    if not bf16 and (size < 2 * k or k * n < SMALL_WEIGHT or size * n < SMALL_PRODUCT):
+        return None
+    if not (x.is_cpu and weight.is_cpu and not x.is_mkldnn and not torch.compiler.is_compiling()
+            and weight.dtype in (torch.float32, torch.bfloat16) and x.dtype in (torch.float32, torch.bfloat16)
+            and (x.dtype == weight.dtype or bf16) and (bias is None or bias.dtype == weight.dtype)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                                  or (bias is not None and bias.requires_grad))))
+                                                  or (bias is not None and bias.requires_grad)))):
+        return None
+    onednn = _ONEDNN and torch.backends.mkldnn.enabled
+    if bf16:
+        return "onednn" if onednn and bf16_native() else None
+    return "mkl" if _MKL else "onednn" if onednn else None
+
+
+def _mkl_linear(x, weight, bias, lo, hi):
+    """MKL's GEMM on the weight rows packed for ``x``'s row count (cached per parameter version; F.linear for a
+    row count beyond the first ``MAX_PACKED_ROWS``)."""
+    k = x.shape[-1]
+    m = x.numel() // k
+    packs = derived_weight(weight, f"mkl:{lo}:{hi}", lambda w: {"rows": w[lo:hi].contiguous()})
+    packed = packs.get(m)
+    if packed is None:
+        if len(packs) > MAX_PACKED_ROWS:
+            return F.linear(x, packs["rows"], bias)
+        with torch.inference_mode(False), torch.no_grad():
+            packed = packs[m] = torch.ops.mkl._mkl_reorder_linear_weight(packs["rows"], m)
+    y = torch.ops.mkl._mkl_linear(x.reshape(m, k), packed, packs["rows"], bias, m)
+    return y.view(*x.shape[:-1], hi - lo)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            rows: tuple[int, int] | None = None, relu: bool = False) -> torch.Tensor:
     """``F.linear(x, weight[lo:hi], bias[lo:hi])`` (``rows=(lo, hi)``, default all), then ReLU when ``relu``.
 
-    In inference on CPU it runs oneDNN's linear on a packed copy of the weight rows cached per parameter version:
-    fp32, or bf16 under CPU bf16 autocast (as F.linear would: bf16 inputs and output, fp32 accumulation).
-    Otherwise (training, other devices, no oneDNN) it is ``F.linear``."""
+    In inference on CPU it runs on a packed copy of the weight rows cached per parameter version: fp32 on MKL's
+    packed GEMM (oneDNN's without MKL), except for small products (see ``SMALL_PRODUCT``); bf16 under CPU bf16
+    autocast on oneDNN's (as F.linear would: bf16 inputs and output, fp32 accumulation). Otherwise (training,
+    other devices) it is ``F.linear``."""
     lo, hi = (0, weight.shape[0]) if rows is None else rows
-    if _packable(x, weight, bias):
+    path = _path(x, weight, bias, hi - lo)
+    if path == "onednn":
         dtype = torch.bfloat16 if _bf16_autocast() else weight.dtype
-        tag = f"onednn:{dtype}:{lo}:{hi}"
-        packed = derived_weight(weight, tag, lambda w: torch.ops.mkldnn._reorder_linear_weight(
+        packed = derived_weight(weight, f"onednn:{dtype}:{lo}:{hi}", lambda w: torch.ops.mkldnn._reorder_linear_weight(
             w[lo:hi].to(dtype).contiguous()))
         if bias is not None:
             bias = bias[lo:hi] if bias.dtype == dtype else derived_weight(bias, f"{dtype}:{lo}:{hi}",
                                                                           lambda b: b[lo:hi].to(dtype))
         return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, bias, "relu" if relu else "none", [], "")
-    y = F.linear(x, weight if rows is None else weight[lo:hi],
-                 bias if rows is None or bias is None else bias[lo:hi])
+    if bias is not None and rows is not None:
+        bias = bias[lo:hi]
+    if path == "mkl":
+        y = _mkl_linear(x, weight, bias, lo, hi)
+        return y.relu_() if relu else y
+    y = F.linear(x, weight if rows is None else weight[lo:hi], bias)
     return F.relu(y) if relu else y

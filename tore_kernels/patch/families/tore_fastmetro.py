@@ -9,6 +9,7 @@ from torch import nn
 
 from ...ops.itp import image_token_prune
 from .. import bf16 as _bf16
+from .. import layers
 from . import common
 
 ITP_PARTS = {"token_selector_conv2d": nn.Conv2d, "token_selector_fc": nn.Linear, "layer_norm": nn.LayerNorm}
@@ -83,6 +84,7 @@ def backbone_features(model, images):
     return backbone(images)
 
 
+@layers.eager_under_compile
 def fused_itp_forward(self, images):
     """The released TORE-FastMETRO ``forward(images)`` with the inline ITP fused: the backbone, ``conv_1x1``, the
     fused ITP, the three transformers, the regressors and the upsampling. Returns ``(cam [B, 3], joints [B, J, 3],
@@ -126,5 +128,6 @@ def fused_itp_forward(self, images):
     return cam_parameter, joints, coarse, mid, fine, token_heatmap
 
 
+@layers.eager_under_compile
 def bf16_fused_itp_forward(self, *args, **kwargs):
     return _bf16.in_bf16(self, fused_itp_forward, args, kwargs)

@@ -64,7 +64,8 @@ def head(device, quick):
                 # the harness's warm-up calls do the one-time work (tables, packing, compilation), and record a
                 # failing variant in its row instead of ending the entry
                 yield Case("head", {"model": name, "backbone": bb_name, "batch": batch, "dtype": "fp32"},
-                           {v: _no_grad(m, x, *extra) for v, m in variants.items()})
+                           {v: _no_grad(m, x, *extra) for v, m in variants.items()},
+                           reps=7 if batch > 1 else None)  # a batch-8/32 network call takes seconds
 
 
 @entry("gemm")

@@ -15,10 +15,6 @@ if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-from tore_kernels.backend import separate_inductor_cache  # noqa: E402
-
-separate_inductor_cache()  # before anything compiles: runs capped by ATEN_CPU_CAPABILITY get their own cache
-
 # Property tests (hypothesis): a fixed, derandomized run in CI; TORE_FUZZ_EXAMPLES=2000 for a long random fuzz.
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile("ci", max_examples=20, derandomize=True, deadline=None, suppress_health_check=_SLOW_OK)

@@ -101,8 +101,8 @@ _WARNED: set[tuple[str, str, str]] = set()
 def separate_inductor_cache() -> None:
     """Give runs under ``ATEN_CPU_CAPABILITY`` their own inductor cache (unless ``TORCHINDUCTOR_CACHE_DIR`` is set).
     Inductor's on-disk cache does not key its CPU kernels on that cap: a run capped at avx2 reused kernels compiled
-    uncapped, and the reverse, and got wrong results or heap corruption (torch 2.14.1). The tests and the
-    benchmarks call this first; the library leaves the environment alone."""
+    uncapped, and the reverse, and got wrong results or heap corruption (torch 2.14.1). Called when tore_kernels
+    is imported: it changes nothing unless the cap is set."""
     cap = os.environ.get("ATEN_CPU_CAPABILITY")
     if cap and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         import getpass

@@ -67,8 +67,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         entries = harness.discover()
         print("\n".join(sorted(entries)) if entries else "no benchmark entries")
         return EXIT_OK
-    from tore_kernels.backend import separate_inductor_cache
-    separate_inductor_cache()
     try:  # before anything runs: an unusable --out must not cost a whole benchmark run
         os.makedirs(args.out, exist_ok=True)
     except OSError as exc:

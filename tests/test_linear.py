@@ -10,6 +10,15 @@ lin = importlib.import_module("tore_kernels.ops.linear")
 packs = pytest.mark.skipif(not (lin._MKL or lin._ONEDNN), reason="torch without MKL or oneDNN packed-linear ops")
 
 
+MKL_MIN_ROWS = lin.mkl_min_rows
+
+
+@pytest.fixture(autouse=True)
+def packs_from_two_rows(monkeypatch):
+    """The packed paths at these tests' sizes on every CPU (AVX2 waits for 1024 rows: test_mkl_row_threshold_per_isa)."""
+    monkeypatch.setattr(lin, "mkl_min_rows", lambda: 2)
+
+
 def _packed_entries(weight):
     return [k for k in lin._DERIVED if k[0] == id(weight) and k[1].startswith(("onednn", "mkl"))]
 
@@ -148,3 +157,9 @@ def test_traceable_under_compile():
     compiled = torch.compile(lambda t: lin.linear(t, w, b, rows=(4, 20), relu=True), fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), F.linear(x, w[4:20], b[4:20]).relu(), rtol=1e-5, atol=1e-5)
+
+
+def test_mkl_row_threshold_per_isa():
+    # measured: MKL's packed GEMM beats F.linear from a few rows with AVX-512, only for batched rows at AVX2
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    assert MKL_MIN_ROWS() == (2 if avx512 else 1024)

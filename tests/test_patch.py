@@ -79,6 +79,7 @@ def test_patch_matches_eager_and_unpatch_restores_exactly(kind, topo, features, 
     # these models are small: every linear of theirs would run F.linear; packing all of them checks the cache's life
     monkeypatch.setattr(linear_module, "SMALL_PRODUCT", 0)
     monkeypatch.setattr(linear_module, "SMALL_WEIGHT", 0)
+    monkeypatch.setattr(linear_module, "mkl_min_rows", lambda: 2)
     model = build(kind, topo)
     before_modules = dict(model.named_modules())
     before_types = {name: type(m) for name, m in before_modules.items()}

@@ -1,4 +1,5 @@
 """weak_perspective_project and token_occupancy (tore_kernels.ops.projection) against tore_reference and the formula."""
+import importlib
 import math
 
 import pytest
@@ -302,3 +303,20 @@ def test_compile_fullgraph(impl, device):
     grads_eager = torch.autograd.grad((x2d_eager ** 2).sum(), (points, camera))
     for a, b in zip(grads, grads_eager):
         torch.testing.assert_close(a, b)
+
+
+def test_cpu_inference_takes_torch_ops_training_the_op(monkeypatch):
+    # forward only on CPU, torch's ops measured faster than the C++ op; with autograd the op runs (its backward pays)
+    projection = importlib.import_module("tore_kernels.ops.projection")
+    if not projection.HAS_EXTENSION_OPS:
+        pytest.skip("tore_kernels._C has no projection ops")
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    calls = []
+    reference = projection._project_reference
+    monkeypatch.setattr(projection, "_project_reference", lambda *a: calls.append(1) or reference(*a))
+    points, camera = torch.randn(2, 50, 3), torch.randn(2, 3)
+    want = reference(points, camera)
+    assert torch.equal(projection.weak_perspective_project(points, camera), want) and calls == [1]
+    got = projection.weak_perspective_project(points.requires_grad_(), camera)
+    assert calls == [1] and got.requires_grad
+    torch.testing.assert_close(got.detach(), want)

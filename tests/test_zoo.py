@@ -264,3 +264,17 @@ def test_unknown_or_nearly_right_structure_raises_and_is_untouched(device):
         assert patch_report(model) is None
         assert all(model.get_submodule(n) is m for n, m in modules.items() if n)
         assert all(type(m) is types[n] for n, m in model.named_modules()), name
+
+
+def test_bert_gelu_recognised_by_its_values():
+    """METRO's BERT intermediates get F.gelu only where their activation computes the erf GELU."""
+    import sys
+
+    import torch.nn.functional as F
+    layers = sys.modules["tore_kernels.patch.layers"]
+    assert layers.is_erf_gelu(released._gelu) and layers.is_erf_gelu(F.gelu)
+    assert not layers.is_erf_gelu(lambda x: F.gelu(x, approximate="tanh"))
+    assert not layers.is_erf_gelu(F.relu) and not layers.is_erf_gelu(lambda x: x.tolist())
+    model = patch(build("metro", torch.device("cpu")))
+    swapped = [row for row in patch_report(model).swapped if "F.gelu" in row[2]]
+    assert swapped and all(row[0].endswith("intermediate") for row in swapped)

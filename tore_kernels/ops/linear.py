@@ -15,6 +15,7 @@ weights are packed only where the CPU computes bf16 natively (:func:`bf16_native
 """
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -69,6 +70,14 @@ SMALL_PRODUCT, SMALL_WEIGHT = 4_000_000, 128 * 512
 MAX_PACKED_ROWS = 4  # MKL packs per row count M: at most this many batch shapes per weight, then F.linear
 
 
+@functools.lru_cache(maxsize=None)
+def mkl_min_rows() -> int:
+    """The fewest rows for MKL's packed GEMM: with AVX-512 it was 1.1-1.4x F.linear from 14 rows up; capped at AVX2
+    it was 0.94-0.96x below 1280 rows and 1.03-1.06x at 1280 (``tore-kernels bench linear``), so there it waits
+    for batched rows."""
+    return 2 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 1024
+
+
 def _path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> str | None:
     """How ``linear`` runs: "mkl" (fp32, MKL's packed GEMM), "onednn" (bf16, or fp32 without MKL) or None
     (F.linear: training, other devices, small products, tracing). The cheap size test first: most of the head's
@@ -88,7 +97,9 @@ def _path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: i
     onednn = _ONEDNN and torch.backends.mkldnn.enabled
     if bf16:
         return "onednn" if onednn and bf16_native() else None
-    return "mkl" if _MKL else "onednn" if onednn else None
+    if _MKL:
+        return "mkl" if size >= mkl_min_rows() * k else None
+    return "onednn" if onednn else None
 
 
 def _mkl_linear(x, weight, bias, lo, hi):

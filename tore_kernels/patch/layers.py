@@ -172,3 +172,24 @@ def bert_self_attention_forward(self, hidden_states, attention_mask=None, head_m
         attention_mask = None  # METRO's all-zero additive mask: SDPA's maskless (flash) kernel
     context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # the release's 1 / sqrt(d) scale
     return (context.transpose(1, 2).flatten(2),)
+
+
+def is_erf_gelu(fn) -> bool:
+    """Whether ``fn`` computes the exact (erf) GELU, as METRO's ``gelu`` (``x * 0.5 * (1 + erf(x / sqrt(2)))``) does:
+    checked on values, not names, in float64 (a tanh approximation differs by ~1e-4)."""
+    x = torch.linspace(-8, 8, 1601, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            y = fn(x)
+    except Exception:  # not a plain elementwise function of a tensor
+        return False
+    return isinstance(y, torch.Tensor) and y.shape == x.shape and bool(torch.allclose(y, F.gelu(x), rtol=0,
+                                                                                        atol=1e-12))
+
+
+def bert_intermediate_forward(self, hidden_states):
+    """METRO's ``BertIntermediate`` (dense, then its erf GELU) in eval mode with ``F.gelu``: one pass over the
+    ``[B, L, 4H]`` activations where the released function makes five (at batch 32, 445 tokens, 58 M elements)."""
+    if self.training:
+        return base_forward(self)(self, hidden_states)
+    return F.gelu(self.dense(hidden_states))

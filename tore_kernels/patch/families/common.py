@@ -112,10 +112,20 @@ def bert_self_attentions(encoder, prefix):
     return found
 
 
-def add_bert(plan, attentions):
+def bert_intermediates(encoder, prefix):
+    """[(path, module)] of the BERT intermediate modules in ``encoder``: ``dense`` (nn.Linear), then an
+    ``intermediate_act_fn`` that computes the erf GELU (METRO's ``gelu``)."""
+    return [(f"{prefix}.{name}", m) for name, m in encoder.named_modules()
+            if type(getattr(m, "dense", None)) is nn.Linear and callable(getattr(m, "intermediate_act_fn", None))
+            and layers.is_erf_gelu(m.intermediate_act_fn)]
+
+
+def add_bert(plan, attentions, intermediates=()):
     plan.forwards += [(m, layers.bert_self_attention_forward) for _, m in attentions]
     plan.report += [(path, type(m).__name__, "SDPA on packed projections (no dropout, head_mask or probabilities)")
                     for path, m in attentions]
+    plan.forwards += [(m, layers.bert_intermediate_forward) for _, m in intermediates]
+    plan.report += [(path, type(m).__name__, "eval: F.gelu (one pass) for its erf GELU") for path, m in intermediates]
 
 
 def add_linears(plan, model, bf16, keep=()):

@@ -25,6 +25,6 @@ def plan(model, bf16, problems):
     if problems:
         return None
     p = common.Plan("METRO")
-    common.add_bert(p, attentions)
+    common.add_bert(p, attentions, common.bert_intermediates(model.trans_encoder, "trans_encoder"))
     common.add_linears(p, model, bf16)
     return p

@@ -32,7 +32,8 @@ def plan(model, bf16, problems):
         return None
     p = common.Plan("TORE-METRO")
     common.add_transformers(p, model, slots, masked=("transformer_3",))
-    common.add_bert(p, common.bert_self_attentions(encoder, "trans_encoder"))
+    common.add_bert(p, common.bert_self_attentions(encoder, "trans_encoder"),
+                    common.bert_intermediates(encoder, "trans_encoder"))
     if common.has_sampler(model):
         common.add_sampler(p, model, bf16)
     common.add_linears(p, model, bf16)

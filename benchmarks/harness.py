@@ -382,7 +382,11 @@ def _write_plot(path: str, rows: list[dict[str, Any]], env: dict[str, Any]) -> N
         ax.text(ratio * (1.03 if ratio >= 1 else 0.97), y, f"{ratio:.3g}x", va="center",
                 ha="left" if ratio >= 1 else "right", fontsize=7)
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ratio_label = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x")
+    ax.xaxis.set_major_formatter(ratio_label)
+    # minor ticks 2x and 5x (20x, 0.5x, ...) labelled too: a narrow range may have no major tick but 1x
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+        lambda v, _: f"{v:g}x" if f"{v:.0e}"[0] in "25" else ""))
     ax.set_xlim(min(values + [1.0]) / 1.6, max(values + [1.0]) * 1.6)
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)

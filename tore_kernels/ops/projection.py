@@ -156,8 +156,8 @@ def weak_perspective_project(points: torch.Tensor, camera: torch.Tensor) -> torc
     # On CPU without autograd torch's three ops measured faster than the op (0.8x it, forward only, AVX-512); the
     # op pays off in training (its backward), and runs whenever TORE_KERNELS_BACKEND asks for it.
     inference = points.is_cpu and not (torch.is_grad_enabled() and (points.requires_grad or camera.requires_grad))
-    if (not HAS_EXTENSION_OPS or backend.choose("weak_perspective_project", points.device) == "reference"
-            or (inference and backend.forced_backend() is None)):
+    if ((inference and backend.forced_backend() is None) or not HAS_EXTENSION_OPS
+            or backend.choose("weak_perspective_project", points.device) == "reference"):
         return _project_reference(points, camera)
     return torch.ops.tore_kernels.weak_perspective_project(points, camera)
 

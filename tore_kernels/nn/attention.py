@@ -43,7 +43,7 @@ class AdjacencyMultiheadAttention(nn.MultiheadAttention):
     (:mod:`tore_kernels.ops.adjacency_attention`), built once per mask tensor. On CPU, unmasked attention to at
     most ``OPEN_TABLE_MAX_KEYS`` keys (the decoder's cross-attention to the joint tokens; fp32, or bf16 with
     AVX-512) runs through the same kernel. An all-False bool key_padding_mask counts as none. On CPU without
-    autograd, the projections run on oneDNN-packed weights (:func:`tore_kernels.ops.linear.linear`), or, with
+    autograd, the projections run on packed weights (:func:`tore_kernels.ops.linear.linear`), or, with
     AVX-512 and no weights wanted, the whole block runs in one op a sample at a time
     (:func:`tore_kernels.ops.adjacency_attention.mha_inference`).
     Everything else takes ``nn.MultiheadAttention``'s own path: key_padding_mask, is_causal, 3-D masks, float

@@ -314,7 +314,7 @@ def attention_out_projected(q, k, v, table: NeighbourTable, scale: float, weight
     order), computed by the C++ op that out-projects each block of rows while it is in cache; None where that op
     does not apply (another backend or dtype, autograd, dense rows) or is not the faster choice: the caller runs
     the two steps. The op fuses only in the AVX-512 clone; elsewhere it runs the same two steps with an unpacked
-    GEMM, slower than the caller's oneDNN-packed linear (AVX2, batch 32: no faster than computing the weights too)."""
+    GEMM, slower than the caller's packed linear (AVX2, batch 32: no faster than computing the weights too)."""
     tensors = (q, k, v, weight) if bias is None else (q, k, v, weight, bias)
     if not (_HAS_PROJECTED and backend.cpu_isa() == "avx512" and _cpu_inference(table, tensors)):
         return None

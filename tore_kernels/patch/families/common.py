@@ -137,8 +137,8 @@ def add_linears(plan, model, bf16, keep=()):
     plan.forwards += [(m, layers.packed_linear_forward if type(m) is nn.Linear else _bf16.bf16_conv_forward)
                       for m in model.modules()
                       if (type(m) is nn.Linear or (bf16 and type(m) is nn.Conv2d)) and id(m) not in skip]
-    plan.report.append(("Linear modules and attention projections", "F.linear", "oneDNN linear on weights packed "
-                        "once per parameter version, in inference"))
+    plan.report.append(("Linear modules and attention projections", "F.linear", "in inference, MKL / oneDNN GEMM on "
+                        "weights packed once per parameter version (F.linear for small products)"))
     if bf16:
         plan.report += [(name, "Linear", "Linear kept in fp32 under autocast") for name in heads]
         plan.report.append(("Conv2d modules", "fp32 weights", "bf16 weight copies cached per parameter version "

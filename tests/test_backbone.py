@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tore_kernels.patch.backbone import _sequential_top_forward, backbone_forwards
-from tore_kernels.patch import _patched_class
+from tore_kernels.patch import _patched_class, backbone
 
 
 # structure-faithful rewrites of torchvision's ResNet pieces (same attribute names and forwards)
@@ -205,6 +205,21 @@ def test_folded_weights_follow_parameter_and_statistics_updates():
             m[1].bias.add_(0.25)
         ref, fast = model(x), patched(x)
     assert torch.allclose(fast, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_weights_reordered_per_input_shape_up_to_a_limit():
+    # each conv's folded weight is reordered once per input shape (oneDNN's layout for it), for at most
+    # MAX_PACKED_SHAPES shapes; further shapes run on the channels_last weight, with the same results
+    block = _randomise_batchnorm(BasicBlock(8, 8)).eval()
+    ref = copy.deepcopy(block)
+    _apply(block)
+    sizes = range(5, 5 + backbone.MAX_PACKED_SHAPES + 2)
+    with torch.no_grad():
+        for size in sizes:
+            x = torch.randn(2, 8, size, size)
+            torch.testing.assert_close(block(x), ref(x), rtol=1e-4, atol=1e-4)
+    packs = backbone._folded(block.conv1, block.bn1)[2]
+    assert sorted(s[-1] for s in packs) == list(sizes)[:backbone.MAX_PACKED_SHAPES]
 
 
 def test_unrecognised_parts_keep_their_forward():

@@ -1,6 +1,7 @@
 """tore_kernels.ops.linear: packed-weight inference linears against F.linear, and their per-parameter cache."""
 import gc
 import importlib
+import platform
 
 import pytest
 import torch
@@ -10,13 +11,13 @@ lin = importlib.import_module("tore_kernels.ops.linear")
 packs = pytest.mark.skipif(not (lin._MKL or lin._ONEDNN), reason="torch without MKL or oneDNN packed-linear ops")
 
 
-MKL_MIN_ROWS = lin.mkl_min_rows
+FP32_GEMM = lin.fp32_gemm
 
 
 @pytest.fixture(autouse=True)
 def packs_from_two_rows(monkeypatch):
-    """The packed paths at these tests' sizes on every CPU (AVX2 waits for 1024 rows: test_mkl_row_threshold_per_isa)."""
-    monkeypatch.setattr(lin, "mkl_min_rows", lambda: 2)
+    """This CPU's packed path at these tests' sizes (MKL capped at AVX2 waits for 1024 rows: test_fp32_gemm_per_cpu)."""
+    monkeypatch.setattr(lin, "fp32_gemm", lambda: (FP32_GEMM()[0], 2))
 
 
 def _packed_entries(weight):
@@ -37,7 +38,7 @@ def _big(seed, out=512, rows=90, k=256):
 def test_matches_f_linear(rows, relu, bias, mkl, monkeypatch):
     if mkl and not lin._MKL or not mkl and not lin._ONEDNN:
         pytest.skip("torch without " + ("MKL" if mkl else "oneDNN"))
-    monkeypatch.setattr(lin, "_MKL", mkl)  # without MKL (aarch64 builds) fp32 packs for oneDNN
+    monkeypatch.setattr(lin, "fp32_gemm", lambda: ("mkl" if mkl else "onednn", 2))  # each, whatever this CPU picks
     g = torch.Generator().manual_seed(0)
     w = torch.nn.Parameter(torch.randn(512, 256, generator=g))
     b = torch.nn.Parameter(torch.randn(512, generator=g)) if bias else None
@@ -53,18 +54,28 @@ def test_matches_f_linear(rows, relu, bias, mkl, monkeypatch):
 
 
 @packs
+@pytest.mark.parametrize("gemm", ["mkl", "onednn"])
 @pytest.mark.parametrize("rows,k,out", [(1, 2048, 2048), (14, 128, 128), (40, 512, 128)],
                          ids=["one-row", "small-weight", "small-product"])
-def test_small_products_run_f_linear(rows, k, out):
+def test_small_products_run_f_linear(rows, k, out, gemm, monkeypatch):
     # where a packed GEMM's fixed cost exceeds what it saves (see SMALL_PRODUCT), linear is F.linear itself
+    monkeypatch.setattr(lin, "fp32_gemm", lambda: (gemm, 2))
     w, x = _big(6, out=out, rows=rows, k=k)
     with torch.no_grad():
         assert torch.equal(lin.linear(x, w, relu=True), F.linear(x, w).relu())
     assert not _packed_entries(w)
 
 
+@pytest.mark.parametrize("rows,k,out,mkl,onednn", [(431, 128, 128, False, True), (14, 512, 512, False, True),
+                                                   (14, 128, 512, False, False), (14, 512, 2048, True, True)])
+def test_small_product_rule_per_gemm(rows, k, out, mkl, onednn):
+    # oneDNN's fixed cost is lower than MKL's: it packs small weights with many rows and few rows of larger weights
+    assert (not lin._small(rows * k, k, out, "mkl"), not lin._small(rows * k, k, out, "onednn")) == (mkl, onednn)
+
+
 @pytest.mark.skipif(not lin._MKL, reason="torch without MKL")
-def test_mkl_packs_per_row_count_up_to_a_limit():
+def test_mkl_packs_per_row_count_up_to_a_limit(monkeypatch):
+    monkeypatch.setattr(lin, "fp32_gemm", lambda: ("mkl", 2))
     w, x = _big(7)
     with torch.no_grad():
         for m in range(90, 90 + lin.MAX_PACKED_ROWS + 2):  # batch shapes beyond the limit run F.linear
@@ -125,6 +136,7 @@ def test_bf16_autocast_and_inference_mode():
 
 def test_without_mkl_or_onednn_is_f_linear(monkeypatch):
     monkeypatch.setattr(lin, "_MKL", False)
+    monkeypatch.setattr(lin, "fp32_gemm", FP32_GEMM.__wrapped__)  # decided again without MKL: oneDNN's, if enabled
     w, x = _big(9)
     with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
         assert torch.equal(lin.linear(x, w, relu=True), F.linear(x, w).relu())
@@ -159,7 +171,23 @@ def test_traceable_under_compile():
         torch.testing.assert_close(compiled(x), F.linear(x, w[4:20], b[4:20]).relu(), rtol=1e-5, atol=1e-5)
 
 
-def test_mkl_row_threshold_per_isa():
-    # measured: MKL's packed GEMM beats F.linear from a few rows with AVX-512, only for batched rows at AVX2
+@pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD", None])
+def test_fp32_gemm_per_cpu(vendor, monkeypatch):
+    # measured: MKL's packed GEMM beats F.linear on Intel's CPUs from a few rows with AVX-512, only for batched rows
+    # at AVX2; elsewhere MKL leaves AVX-512 unused and oneDNN's is faster (and the one there is without MKL)
+    monkeypatch.setattr(lin.backend, "cpu_vendor", lambda: vendor)
     avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-    assert MKL_MIN_ROWS() == (2 if avx512 else 1024)
+    if vendor == "GenuineIntel" and lin._MKL:
+        assert FP32_GEMM.__wrapped__() == ("mkl", 2 if avx512 else 1024)
+    else:
+        assert FP32_GEMM.__wrapped__() == ("onednn" if lin._ONEDNN else "mkl" if lin._MKL else None,
+                                           2 if lin._ONEDNN or not lin._MKL or avx512 else 1024)
+    monkeypatch.setattr(lin, "_MKL", False)
+    monkeypatch.setattr(lin, "_ONEDNN", False)
+    assert FP32_GEMM.__wrapped__() == (None, 2)
+
+
+def test_cpu_vendor_reads_this_cpu():
+    vendor = lin.backend.cpu_vendor()
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert vendor in ("GenuineIntel", "AuthenticAMD", "HygonGenuine", "CentaurHauls"), vendor

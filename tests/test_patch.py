@@ -4,7 +4,11 @@ with ITP + GTR, with GTR only, the original FastMETRO ([J+V, J+V] mask) and TORE
 import copy
 import importlib
 import io
+import os
 import pickle
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -79,7 +83,7 @@ def test_patch_matches_eager_and_unpatch_restores_exactly(kind, topo, features, 
     # these models are small: every linear of theirs would run F.linear; packing all of them checks the cache's life
     monkeypatch.setattr(linear_module, "SMALL_PRODUCT", 0)
     monkeypatch.setattr(linear_module, "SMALL_WEIGHT", 0)
-    monkeypatch.setattr(linear_module, "mkl_min_rows", lambda: 2)
+    monkeypatch.setattr(linear_module, "fp32_gemm", lambda g=linear_module.fp32_gemm(): (g[0], 2))
     model = build(kind, topo)
     before_modules = dict(model.named_modules())
     before_types = {name: type(m) for name, m in before_modules.items()}
@@ -462,3 +466,35 @@ def test_backbone_forwards_planned_and_opt_out(monkeypatch):
     assert len(calls) == len(convs)
     with pytest.raises(TypeError, match="backbone"):
         patch(unpatch(model), backbone="yes")
+
+
+_MALLOC_PROBE = """
+import os, sys, torch
+from tore_kernels import backend
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+print(backend.tune_malloc())
+before = rss()
+x = torch.ones(300 << 18)  # 300 MiB
+del x
+print((rss() - before) >> 20)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc on Linux only")
+@pytest.mark.parametrize("env", [{}, {"TORE_KERNELS_MALLOC": "0"}, {"MALLOC_ARENA_MAX": "2"}],
+                         ids=["tuned", "opted-out", "user-set"])
+def test_malloc_keeps_freed_blocks_unless_told_not_to(env, topo):
+    # tuned, a freed 300 MiB block stays with the process for the next forward (no page faults on reuse); opted
+    # out or set by the user, glibc maps it fresh and returns it when freed
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "TORE_KERNELS_MALLOC"}
+    out = subprocess.run([sys.executable, "-c", _MALLOC_PROBE], env={**environ, **env}, capture_output=True,
+                         text=True, check=True).stdout.split("\n")
+    kept_mib = int(out[1])
+    if env:
+        assert out[0].startswith("left as") and kept_mib < 50, out
+    else:
+        assert out[0].startswith("keeps freed blocks") and kept_mib > 250, out
+    model = patch(build("tore_gtr", topo))
+    assert ("(process)", "glibc malloc", backend.tune_malloc()) in patch_report(model).swapped

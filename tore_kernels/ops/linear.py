@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 # the one predicate (backend's), looked up here by linear and patch(dtype=bf16) so that tests can fake it
+from .. import backend
 from ..backend import bf16_native  # noqa: F401
 
 # private ops (inductor's CPU linear fusion uses them): without them every call is F.linear
@@ -63,32 +64,50 @@ def _bf16_autocast() -> bool:
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
-# fp32 products below these sizes (rows x in x out, in x out) run F.linear: there a packed GEMM's fixed cost (1.5-3x
-# F.linear's time at 14 x 128 x 128, one sample's joint tokens) outweighs the repacking it saves (measured on
-# AVX-512 and AVX2: ``tore-kernels bench linear``); and so does a single row (a matrix-vector product)
+# fp32 products below these sizes (rows x in x out, in x out) run F.linear: there a packed GEMM's fixed cost outweighs
+# the repacking it saves (MKL's: 1.5-3x F.linear's time at 14 x 128 x 128, one sample's joint tokens, on an Intel
+# Xeon; oneDNN's: 0.44-0.65x F.linear at 14 or 40 x 128 x 128 on an AMD EPYC), and so does a single row (a
+# matrix-vector product). Measured with ``tore-kernels bench linear``, on AVX-512 and capped at AVX2.
 SMALL_PRODUCT, SMALL_WEIGHT = 4_000_000, 128 * 512
 MAX_PACKED_ROWS = 4  # MKL packs per row count M: at most this many batch shapes per weight, then F.linear
 
 
 @functools.lru_cache(maxsize=None)
-def mkl_min_rows() -> int:
-    """The fewest rows for MKL's packed GEMM: with AVX-512 it was 1.1-1.4x F.linear from 14 rows up; capped at AVX2
-    it was 0.94-0.96x below 1280 rows and 1.03-1.06x at 1280 (``tore-kernels bench linear``), so there it waits
-    for batched rows."""
-    return 2 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 1024
+def fp32_gemm() -> tuple[str | None, int]:
+    """The packed GEMM fp32 linears run on this CPU ("mkl", "onednn" or None) and the fewest rows it takes.
+
+    On Intel's CPUs MKL's: with AVX-512 1.1-1.4x F.linear from 14 rows; capped at AVX2 0.94-0.96x below 1280 rows
+    and 1.03-1.06x at 1280, so there it waits for batched rows. Elsewhere oneDNN's: MKL (which F.linear also runs)
+    takes its AVX-512 kernels only on Intel's CPUs, and on an AMD EPYC oneDNN's packed GEMM was 1.8-3.3x F.linear
+    from 14 x 512 x 512 up with AVX-512 and 1.07-1.35x capped at AVX2; without MKL (aarch64 builds) too."""
+    intel = backend.cpu_vendor() == "GenuineIntel"
+    if _MKL and (intel or not _ONEDNN):
+        return "mkl", (2 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 1024)
+    return ("onednn" if _ONEDNN else None), 2
+
+
+def _small(size: int, k: int, n: int, gemm: str) -> bool:
+    """Whether an fp32 product of ``size`` input elements (``k`` per row) by an ``[n, k]`` weight runs F.linear:
+    single rows always; for MKL small weights or small products, for oneDNN only small weights with small
+    products (it was 1.8x F.linear at 431 x 128 x 128, 2.2x at 14 x 512 x 512)."""
+    if size < 2 * k:
+        return True
+    weight, product = k * n < SMALL_WEIGHT, size * n < SMALL_PRODUCT
+    return weight or product if gemm == "mkl" else k * n <= SMALL_WEIGHT and product
 
 
 def _path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> str | None:
-    """How ``linear`` runs: "mkl" (fp32, MKL's packed GEMM), "onednn" (bf16, or fp32 without MKL) or None
-    (F.linear: training, other devices, small products, tracing). The cheap size test first: most of the head's
-    linears are small at batch 1, and this runs before each of them."""
-    if x.dim() < 2 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+    """How ``linear`` runs: "mkl" (fp32, MKL's packed GEMM), "onednn" (bf16, or fp32 where oneDNN's is faster) or
+    None (F.linear: training, other devices, small products, tracing). The cheap size test first: most of the
+    head's linears are small at batch 1, and this runs before each of them."""
+    if torch.compiler.is_compiling() or x.dim() < 2 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         return None
     k, size = x.shape[-1], x.numel()
     bf16 = weight.dtype == torch.bfloat16 or _bf16_autocast()
-    if not bf16 and (size < 2 * k or k * n < SMALL_WEIGHT or size * n < SMALL_PRODUCT):
+    gemm, min_rows = fp32_gemm()
+    if not bf16 and (gemm is None or size < min_rows * k or _small(size, k, n, gemm)):
         return None
-    if not (x.is_cpu and weight.is_cpu and not x.is_mkldnn and not torch.compiler.is_compiling()
+    if not (x.is_cpu and weight.is_cpu and not x.is_mkldnn
             and weight.dtype in (torch.float32, torch.bfloat16) and x.dtype in (torch.float32, torch.bfloat16)
             and (x.dtype == weight.dtype or bf16) and (bias is None or bias.dtype == weight.dtype)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
@@ -97,9 +116,7 @@ def _path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: i
     onednn = _ONEDNN and torch.backends.mkldnn.enabled
     if bf16:
         return "onednn" if onednn and bf16_native() else None
-    if _MKL:
-        return "mkl" if size >= mkl_min_rows() * k else None
-    return "onednn" if onednn else None
+    return "mkl" if gemm == "mkl" else "onednn" if onednn else None
 
 
 def _mkl_linear(x, weight, bias, lo, hi):

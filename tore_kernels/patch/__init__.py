@@ -36,9 +36,11 @@ What is swapped:
   broadcast over the batch the self-attention block and the cross-attention's query projection computed once;
 * METRO's BERT self-attentions (both METRO families) run as one SDPA call where that is exact (eval, no
   head_mask, no attention probabilities);
-* every ``nn.Linear`` (same way) and the attention projections run, in inference on CPU, oneDNN's linear on a
-  weight packed once per parameter version and cached outside the model (:mod:`tore_kernels.ops.linear`), with
-  the MLP's ReLU fused.
+* every ``nn.Linear`` (same way) and the attention projections run, in inference on CPU, a packed GEMM (MKL's or
+  oneDNN's, whichever is faster on this CPU) on a weight packed once per parameter version and cached outside the
+  model (:mod:`tore_kernels.ops.linear`), with the MLP's ReLU fused;
+* the process's glibc malloc keeps freed blocks for reuse (:func:`tore_kernels.backend.tune_malloc`; process-wide,
+  once, not undone by ``unpatch``; ``TORE_KERNELS_MALLOC=0`` leaves it alone).
 
 ``patch(model, dtype=torch.bfloat16)`` (opt-in) also runs the forward under bf16 autocast where the CPU computes
 bf16 natively (:mod:`tore_kernels.patch.bf16`; elsewhere it runs fp32, warns once and says so in the report).
@@ -58,6 +60,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import backend
 from ..ops.linear import drop_derived
 from . import bf16 as _bf16
 from . import families
@@ -210,6 +213,7 @@ def patch(model: nn.Module, *, dtype: torch.dtype | None = None, backbone: bool 
         if bf16 and not runs_bf16:
             warnings.warn(f"tore_kernels.patch: {_bf16.FALLBACK}", RuntimeWarning, stacklevel=2)
             plan.report.append(("forward", "dtype=torch.bfloat16", _bf16.FALLBACK))
+        plan.report.append(("(process)", "glibc malloc", backend.tune_malloc()))
         state = _State(PatchReport(plan.kind, tuple(plan.report)), [], bf16)
         _apply(inner, plan, state)
     if verbose:

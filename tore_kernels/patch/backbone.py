@@ -28,7 +28,9 @@ from ..ops.linear import derived_weight
 
 __all__ = ["backbone_forwards"]
 
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+           and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"))
+MAX_PACKED_SHAPES = 4  # weights reordered per input shape: at most this many shapes per conv, then channels_last
 
 
 def _foldable(conv, bn) -> bool:
@@ -39,7 +41,8 @@ def _foldable(conv, bn) -> bool:
 
 
 def _folded(conv, bn):
-    """(channels_last weight, bias) of ``bn(conv(x))`` in eval mode, derived once per version of the tensors."""
+    """(channels_last weight, bias, {input shape: weight reordered for it}) of ``bn(conv(x))`` in eval mode,
+    derived once per version of the tensors."""
     tensors = [t for t in (conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
 
     def make(weight):
@@ -49,17 +52,22 @@ def _folded(conv, bn):
         shift = -bn.running_mean * scale if conv.bias is None else (conv.bias - bn.running_mean) * scale
         if bn.bias is not None:
             shift = shift + bn.bias
-        # channels_last, not pre-reordered: oneDNN's guess of the blocked layout without the input's shape was
-        # 1.9x slower than eager at batch 1 (ResNet-50, AVX-512), and this layout is as fast at batch 32
         folded = (weight * scale.reshape(-1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
-        return folded, shift.detach().contiguous()
+        return folded, shift.detach().contiguous(), {}
     return derived_weight(conv.weight, "bn-folded-onednn", make, depends=tensors)
 
 
 def _conv_bn(conv, bn, x, relu=False, residual=None):
-    """``relu?(bn(conv(x)) [+ residual])`` as one oneDNN convolution."""
-    weight, bias = _folded(conv, bn)
+    """``relu?(bn(conv(x)) [+ residual])`` as one oneDNN convolution, on the folded weight reordered once for
+    ``x``'s shape (oneDNN's blocked layout for it: without the reorder each call reorders the weight, 1.6x slower
+    at batch 1 on ResNet-50; reordered without the shape, oneDNN's guess was 1.9x slower than eager there)."""
+    weight, bias, packs = _folded(conv, bn)
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    packed = packs.get(x.shape)
+    if packed is None and len(packs) < MAX_PACKED_SHAPES:
+        with torch.inference_mode(False), torch.no_grad():
+            packed = packs[x.shape] = torch.ops.mkldnn._reorder_convolution_weight(weight, *args, list(x.shape))
+    weight = weight if packed is None else packed
     if residual is not None:
         return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, bias, *args, "add", 1.0,
                                                               "relu" if relu else None, [], "")

@@ -66,6 +66,9 @@ def _attend(mha, query, key, value, attn_mask=None):
     w, b = mha.in_proj_weight, mha.in_proj_bias
     if query is key and key is value:
         q, k, v = _linear(query, w, b).unflatten(-1, (3, H, -1)).unbind(-3)
+    elif query is key:  # the encoders' q = k = y + pos, v = y: one GEMM for q and k
+        q, k = _linear(query, w, b, rows=(0, 2 * E)).unflatten(-1, (2, H, -1)).unbind(-3)
+        v = _linear(value, w, b, rows=(2 * E, 3 * E)).unflatten(-1, (H, -1))
     else:
         q = _linear(query, w, b, rows=(0, E)).unflatten(-1, (H, -1))
         if key is value:

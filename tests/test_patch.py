@@ -22,6 +22,7 @@ from tore_kernels.topology import default_body_mesh
 from tore_reference import FastMETROHead, Mesh, ToreFastMETROHead, ToreMETROHead
 
 linear_module = importlib.import_module("tore_kernels.ops.linear")
+layers = importlib.import_module("tore_kernels.patch.layers")
 
 # fp32: the patched model computes the same sums in other orders (SDPA / neighbour-list softmax instead of
 # bmm + softmax, a precomposed upsampling chain, the fused ITP), through ~9 residual blocks of dot products of
@@ -159,6 +160,26 @@ def test_first_vertex_layer_shares_self_attention_over_the_batch(topo, features)
         kw = dict(tgt_mask=model.attention_mask, pos=pos, query_pos=torch.zeros(431, 3, 32))
         torch.testing.assert_close(layer(tgt, memory, **kw), layer(tgt.contiguous(), memory, **kw), **TOL)
     assert batches == [1, 1, 3]
+
+
+@pytest.mark.parametrize("kind", ["fastmetro", "tore_gtr"])
+def test_repeated_decoder_tokens_share_the_first_self_attention(kind, topo, features):
+    # FastMETRO's forward repeats its joint and vertex tokens over the batch (a copy, not a stride-0 view): the
+    # patched transformer sees that they are equal and runs the first decoder self-attention on one sample
+    model = build(kind, topo)
+    with torch.no_grad():
+        ref = outputs(model, features)
+        patch(model)
+        batches = []
+        decoder = model.transformer_1.decoder.layers
+        for layer in decoder:
+            layer.norm1.register_forward_hook(lambda mod, args, out: batches.append(args[0].shape[1]))
+        assert_close_all(outputs(model, features), ref, **TOL)
+    assert batches == [1] + [features.shape[0]] * (len(decoder) - 1)
+    x = torch.randn(5, 1, 8).repeat(1, 3, 1)
+    assert layers.same_over_batch(x).stride(1) == 0 and torch.equal(layers.same_over_batch(x), x)
+    x[4, 2, 7] += 1  # one value differs: per-sample tokens stay as they are
+    assert layers.same_over_batch(x) is x
 
 
 def test_idempotent(topo, features):

@@ -46,6 +46,17 @@ def broadcast(x):
     return x.dim() == 3 and x.shape[1] > 1 and x.stride(1) == 0
 
 
+def same_over_batch(x):
+    """``x [L, B, E]`` as a batch broadcast (stride 0) when every sample holds the same values, as the released
+    FastMETRO's ``repeat``-ed joint and vertex tokens do; else ``x``. The comparison stops at the first difference
+    (17 us on 445 x 32 x 512 per-sample tokens; 2 ms when they are all equal, which saves the first decoder layer's
+    self-attention block for all samples but one). Not under torch.compile (a data-dependent branch)."""
+    if (x.dim() == 3 and x.shape[1] > 1 and not broadcast(x) and not torch.compiler.is_compiling()
+            and torch.equal(x, x[:, :1].expand_as(x))):
+        return x[:, :1].expand_as(x)
+    return x
+
+
 def _linear(x, weight, bias, rows=None):
     """:func:`~tore_kernels.ops.linear.linear` (packed weights in inference), once for a batch-broadcast ``x``."""
     if broadcast(x):
@@ -147,7 +158,7 @@ def transformer_forward(self, img_features, cam_token, jv_tokens, pos_embed, att
         x = layer(x, pos=pos_embed)
     memory = x if self.encoder.norm is None else self.encoder.norm(x)
     cam_features, enc_img_features = memory.split([1, img_features.shape[0]], dim=0)
-    t = jv_tokens
+    t = same_over_batch(jv_tokens)
     for layer in self.decoder.layers:
         t = layer(t, enc_img_features, tgt_mask=attention_mask, pos=pos_embed)
     return cam_features, enc_img_features, t if self.decoder.norm is None else self.decoder.norm(t)

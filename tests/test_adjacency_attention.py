@@ -171,6 +171,17 @@ def test_gradcheck_float64(monkeypatch):
 
 
 @needs_ext
+def test_gradcheck_dense_prefix_rows(monkeypatch):
+    # dense rows are written into the kernel's output out of place under autograd (in place without it)
+    monkeypatch.setenv("TORE_KERNELS_BACKEND", "cpu")
+    table = aa.neighbour_table(prefix_mask(random_graph(20, 0.15, 8), prefix=2), dense_row_degree=20)
+    assert table.dense_rows.tolist() == [0, 1]
+    q, k, v = [t.detach().requires_grad_() for t in qkv_views(1, 2, 22, 4, torch.float64)]
+    assert torch.autograd.gradcheck(lambda q, k, v: aa.adjacency_attention(q, k, v, table), (q, k, v),
+                                    fast_mode=True)
+
+
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backward_matches_reference(dtype, monkeypatch):
     monkeypatch.setenv("TORE_KERNELS_BACKEND", "cpu")

@@ -287,6 +287,15 @@ def _dense_attention(q, k, v, blocked, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=~blocked, scale=scale)
 
 
+def _with_dense_rows(out, q, k, v, table: NeighbourTable, scale):
+    """``out`` with the dense rows' attention written in, in place unless autograd records ``out`` (a copy of
+    the whole output otherwise: 1.9 ms of FastMETRO-L's 445-token attention at batch 32)."""
+    dense = _dense_attention(q[:, :, table.dense_rows], k, v, table.dense_mask, scale)
+    if torch.is_grad_enabled() and out.requires_grad:
+        return out.index_copy(2, table.dense_rows, dense)
+    return out.index_copy_(2, table.dense_rows, dense)
+
+
 def _sparse_rows(q, k, v, table: NeighbourTable, scale: float, layout: int, impl: str):
     """Output of every sparse row (dense rows hold zeros) and the per-row log-sum-exp."""
     if impl == "triton":
@@ -303,8 +312,7 @@ def attention_with_lse(q, k, v, table: NeighbourTable, scale: float, layout: int
         return _dense_attention(q, k, v, ~table.allowed(), scale), None
     out, lse = _sparse_rows(q, k, v, table, scale, layout, impl)
     if table.dense_rows.numel():
-        dense_out = _dense_attention(q[:, :, table.dense_rows], k, v, table.dense_mask, scale)
-        out = out.index_copy(2, table.dense_rows, dense_out)
+        out = _with_dense_rows(out, q, k, v, table, scale)
     return out, lse
 
 
@@ -414,8 +422,7 @@ def attention_with_averaged_weights(q, k, v, table: NeighbourTable, scale: float
         out, _, weights = torch.ops.tore_kernels.adjacency_attention_forward_weights(
             q, k, v, table.index, table.count, table.shared, scale, layout)
         if table.dense_rows.numel():
-            dense_out = _dense_attention(q[:, :, table.dense_rows], k, v, table.dense_mask, scale)
-            out = out.index_copy(2, table.dense_rows, dense_out)
+            out = _with_dense_rows(out, q, k, v, table, scale)
             _dense_row_weights(weights, q, k, table, scale, True)
     return out, weights
 

@@ -138,3 +138,21 @@ def nsr_attention_core(device, quick):
             yield Case("nsr_attention_core", {"mask": name, "L": L, "batch": batch, "heads": HEADS,
                                               "head_dim": DIM // HEADS, "dtype": str(dtype).removeprefix("torch.")},
                        variants, bytes=4 * q.numel() * q.element_size())
+
+
+@entry("dense_attention")
+def dense_attention_few_keys(device, quick):
+    """Unmasked attention to few keys as the patched FastMETRO layers run it (q, k, v seq-first views of the
+    in-projection, [L, B, H, d] in memory; the projections are not timed): SDPA against ``dense_attention``
+    (the few-keys kernel on AVX-512 CPUs, SDPA elsewhere). Shapes: the decoder's cross-attention to the 49 image
+    tokens (445 queries), the encoders' 50-token self-attention, the NSR's 431 vertices to 14 joints."""
+    from tore_kernels.ops.adjacency_attention import dense_attention
+    for L, S, d in ((445, 49, 64), (445, 49, 16), (50, 50, 64), (431, 14, 16)):
+        for batch in (1, 32):
+            g = torch.Generator().manual_seed(batch)
+            q = torch.randn(L, batch, 3, HEADS, d, generator=g).to(device)[:, :, 0].permute(1, 2, 0, 3)
+            k, v = (torch.randn(S, batch, HEADS, d, generator=g).to(device).permute(1, 2, 0, 3) for _ in range(2))
+            yield Case("dense_attention", {"L": L, "S": S, "batch": batch, "heads": HEADS, "head_dim": d},
+                       {"sdpa": _no_grad(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)),
+                        "tore-kernels": _no_grad(lambda q=q, k=k, v=v: dense_attention(q, k, v))},
+                       bytes=4 * (2 * q.numel() + 2 * k.numel()))

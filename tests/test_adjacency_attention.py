@@ -809,9 +809,84 @@ def test_gpu_report_configs_cover_head_dims_and_dtypes():
 
 
 # the value tests of the CPU kernels: what each ISA clone reruns
+def _seq_first_qkv(L, S, B, H, d, seed, broadcast_q=False):
+    """q, k, v [B, H, L|S, d] as the patched layers pass them: views of seq-first projections (q one third of a
+    packed [L, B, 3, H, d] output; broadcast over the batch when asked)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(L, 1 if broadcast_q else B, 3, H, d, generator=g)[:, :, 0]
+    q = (q.expand(-1, B, -1, -1) if broadcast_q else q).permute(1, 2, 0, 3)
+    k, v = (torch.randn(S, B, H, d, generator=g).permute(1, 2, 0, 3) for _ in range(2))
+    return q, k, v
+
+
+@needs_ext
+@pytest.mark.parametrize("L,S,d", [(445, 49, 64), (50, 50, 16), (431, 14, 16), (3, 1, 32), (5, 16, 48),
+                                   (7, 17, 128), (9, 33, 80), (6, 64, 64), (2, 65, 16), (4, 20, 24)])
+@pytest.mark.parametrize("broadcast_q", [False, True])
+def test_few_keys_attention_op(L, S, d, broadcast_q):
+    """The few-keys op (AVX-512 kernel for S <= 64 and d % 16 == 0, SDPA otherwise: S = 65, d = 24, other clones)
+    against float64 SDPA: every key-vector count (1-4, with and without padding lanes), 1-3 rows past the last
+    block of four, head dims across 64-column chunks, both output layouts, a stride-0 batch of queries."""
+    q, k, v = _seq_first_qkv(L, S, 3, 2, d, seed=L * S + d, broadcast_q=broadcast_q)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    for layout in (aa.LAYOUT_LBHD, aa.LAYOUT_BLHD, aa.LAYOUT_BHLD):
+        out = torch.ops.tore_kernels.few_keys_attention(q, k, v, d ** -0.5, layout)
+        torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
+
+    out = torch.ops.tore_kernels.few_keys_attention(q, k, v, 0.3, aa.LAYOUT_LBHD)  # the scale is honoured
+    torch.testing.assert_close(out.double(), F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                                            scale=0.3), rtol=2e-5, atol=2e-5)
+
+
+@needs_ext
+def test_few_keys_attention_opcheck():
+    q, k, v = _seq_first_qkv(20, 49, 2, 2, 64, seed=3)
+    torch.library.opcheck(torch.ops.tore_kernels.few_keys_attention, (q, k, v, 0.125, aa.LAYOUT_LBHD),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_ext
+def test_few_keys_attention_nan_propagates():
+    """A NaN key makes every row that sees it NaN (as SDPA); other heads stay finite."""
+    q, k, v = _seq_first_qkv(10, 49, 2, 2, 64, seed=1)
+    k = k.clone()
+    k[0, 1, 30, 5] = float("nan")
+    out = torch.ops.tore_kernels.few_keys_attention(q, k, v, 0.125, aa.LAYOUT_LBHD)
+    assert out[0, 1].isnan().all() and not out[0, 0].isnan().any() and not out[1].isnan().any()
+
+
+@needs_ext
+def test_dense_attention_output_order_and_fallbacks():
+    """dense_attention: SDPA's values in q's [L, B, H, d] memory order (what _attend out-projects as a view),
+    through the kernel only in inference on the C++ backend with AVX-512; autograd and bigger key sets get SDPA."""
+    q, k, v = _seq_first_qkv(445, 49, 2, 8, 64, seed=2)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    with torch.no_grad():
+        out = aa.dense_attention(q, k, v)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
+    assert out.permute(2, 0, 1, 3).is_contiguous()
+    calls = []
+    real = torch.ops.tore_kernels.few_keys_attention
+    class Spy:
+        def __call__(self, *a):
+            calls.append(a[1].shape[-2])
+            return real(*a)
+    import unittest.mock
+    with unittest.mock.patch.object(aa.torch.ops.tore_kernels, "few_keys_attention", Spy()):
+        with torch.no_grad():
+            aa.dense_attention(q, k, v)
+            k65, v65 = (torch.randn(2, 8, 65, 64) for _ in range(2))
+            torch.testing.assert_close(aa.dense_attention(q, k65, v65), F.scaled_dot_product_attention(q, k65, v65))
+        qg = q.detach().requires_grad_()
+        out = aa.dense_attention(qg, k, v)
+        out.sum().backward()  # SDPA's autograd
+        assert qg.grad is not None
+    assert calls == ([49] if backend.cpu_isa() == "avx512" else [])
+
+
 CLONE_TESTS = ("test_forward_weights_op or test_strides_head_dims_layouts or test_module_random_graph or nan_input "
                "or forward_projected or mha_forward or test_module_inference_runs_whole_block_op "
-               "or test_module_cross_attention_few_keys")
+               "or test_module_cross_attention_few_keys or few_keys_attention or test_dense_attention")
 
 
 @needs_ext

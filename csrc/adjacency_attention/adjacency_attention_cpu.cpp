@@ -800,6 +800,123 @@ TORE_AVX512_FN static void block_samples(const Block& m, int64_t begin, int64_t 
 bool block_applies(int64_t E, int64_t H, int64_t max_degree) {
   return E % 64 == 0 && avx512_shape(E / H, H, max_degree);
 }
+
+// ---- unmasked attention to few keys, fp32 inference, AVX-512 ------------------------------------------------
+// SDPA runs FastMETRO's decoder cross-attention (445 queries x 49 image tokens, d 64) at about 80 GFLOP/s on 2
+// cores: its blocked GEMMs are built for long key sequences. Here a task is one (sample, head): its keys, scaled
+// and transposed to [d, S rounded up to 16], and its values stay in L1 while the scores of four query rows at a
+// time (at most kFewKeys keys: four vectors per row) are formed in registers, soft-maxed, and multiplied by the
+// values in registers, 64 columns at a time.
+constexpr int64_t kFewKeys = 64;
+constexpr int kFewRows = 4;
+
+struct FewKeys {
+  const float *q, *k, *v;
+  float* o;
+  View4 qs, ks, vs, os;  // element strides; the last dim is contiguous
+  int64_t L, S, d;
+  float scale;
+};
+
+// acc[r][t] = sum_j x[r][j] w[j * ldw + 16 t : + 16] for the kFewRows rows x[r]: a register tile N vectors wide
+template <int N>
+TORE_AVX512_FN static inline void few_keys_tile(const float* const* x, int64_t K, const float* w, int64_t ldw,
+                                                __m512 (*acc)[N]) {
+  for (int r = 0; r < kFewRows; ++r)
+    for (int t = 0; t < N; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < K; ++j) {
+    __m512 wv[N];
+    for (int t = 0; t < N; ++t) wv[t] = _mm512_loadu_ps(w + j * ldw + 16 * t);
+    for (int r = 0; r < kFewRows; ++r) {
+      const __m512 xj = _mm512_set1_ps(x[r][j]);
+      for (int t = 0; t < N; ++t) acc[r][t] = _mm512_fmadd_ps(xj, wv[t], acc[r][t]);
+    }
+  }
+}
+
+// out[r][0 : 16 N] = sum_j prob[r][j] v[j, 0 : 16 N] for the block's first `rows` rows
+template <int N>
+TORE_AVX512_FN static inline void few_keys_values(const float* v, int64_t vj, int64_t S, const float* const* prob,
+                                                  float* const* out, int rows) {
+  __m512 acc[kFewRows][N];
+  few_keys_tile<N>(prob, S, v, vj, acc);
+  for (int r = 0; r < rows; ++r)
+    for (int t = 0; t < N; ++t) _mm512_storeu_ps(out[r] + 16 * t, acc[r][t]);
+}
+
+template <int G>  // key vectors per row: S <= 16 G
+TORE_AVX512_FN static void few_keys_head(const FewKeys& a, int64_t b, int64_t h, float* kt, float* prob) {
+  const int64_t S = a.S, d = a.d, Sp = 16 * G;
+  const float* k = a.k + a.ks.row(b, h, 0);
+  const float* v = a.v + a.vs.row(b, h, 0);
+  for (int64_t j = 0; j < Sp; ++j)  // key rows read contiguously
+    for (int64_t c = 0; c < d; ++c) kt[c * Sp + j] = j < S ? k[j * a.ks.s2 + c] * a.scale : 0.f;
+  const __mmask16 tail = static_cast<__mmask16>(S == Sp ? 0xFFFF : (1u << (S - 16 * (G - 1))) - 1);
+  for (int64_t i0 = 0; i0 < a.L; i0 += kFewRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kFewRows, a.L - i0));
+    const float* q[kFewRows];
+    float* out[kFewRows];
+    for (int r = 0; r < kFewRows; ++r) {  // a short block repeats its last row (computed, not stored)
+      q[r] = a.q + a.qs.row(b, h, i0 + std::min(r, rows - 1));
+      out[r] = a.o + a.os.row(b, h, i0 + std::min(r, rows - 1));
+    }
+    __m512 s[kFewRows][G];
+    few_keys_tile<G>(q, d, kt, Sp, s);
+    for (int r = 0; r < kFewRows; ++r) {  // softmax; padding lanes get probability 0, a NaN score makes the row NaN
+      s[r][G - 1] = _mm512_mask_blend_ps(tail, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), s[r][G - 1]);
+      __m512 m = s[r][0];
+      for (int g = 1; g < G; ++g) m = _mm512_max_ps(m, s[r][g]);
+      m = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+      __m512 sum = _mm512_setzero_ps();
+      for (int g = 0; g < G; ++g) {
+        s[r][g] = exp_nonpositive16(_mm512_sub_ps(s[r][g], m));
+        if (g == G - 1) s[r][g] = _mm512_maskz_mov_ps(tail, s[r][g]);
+        sum = _mm512_add_ps(sum, s[r][g]);
+      }
+      const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+      for (int g = 0; g < G; ++g) _mm512_storeu_ps(prob + r * Sp + 16 * g, _mm512_mul_ps(s[r][g], inv));
+    }
+    const float* p[kFewRows];
+    for (int r = 0; r < kFewRows; ++r) p[r] = prob + r * Sp;
+    for (int64_t c0 = 0; c0 < d; c0 += 64) {
+      float* o[kFewRows];
+      for (int r = 0; r < kFewRows; ++r) o[r] = out[r] + c0;
+      switch (std::min<int64_t>(4, (d - c0) / 16)) {
+        case 1: few_keys_values<1>(v + c0, a.vs.s2, S, p, o, rows); break;
+        case 2: few_keys_values<2>(v + c0, a.vs.s2, S, p, o, rows); break;
+        case 3: few_keys_values<3>(v + c0, a.vs.s2, S, p, o, rows); break;
+        default: few_keys_values<4>(v + c0, a.vs.s2, S, p, o, rows); break;
+      }
+    }
+  }
+}
+
+TORE_AVX512_FN static void few_keys_heads(const FewKeys& a, int64_t H, int64_t begin, int64_t end) {
+  const int64_t G = (a.S + 15) / 16;
+  std::vector<float> kt(a.d * 16 * G), prob(kFewRows * 16 * G);
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t b = t / H, h = t % H;
+    switch (G) {
+      case 1: few_keys_head<1>(a, b, h, kt.data(), prob.data()); break;
+      case 2: few_keys_head<2>(a, b, h, kt.data(), prob.data()); break;
+      case 3: few_keys_head<3>(a, b, h, kt.data(), prob.data()); break;
+      default: few_keys_head<4>(a, b, h, kt.data(), prob.data()); break;
+    }
+  }
+}
+
+bool few_keys_applies(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return cpu_isa() == Isa::avx512 && q.scalar_type() == at::kFloat && k.size(2) >= 1 && k.size(2) <= kFewKeys &&
+         q.size(3) % 16 == 0 && q.size(3) > 0 && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1;
+}
+
+void few_keys_run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, at::Tensor& out) {
+  const FewKeys a{q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(),
+                  out.data_ptr<float>(), View4(q), View4(k), View4(v), View4(out), q.size(2), k.size(2), q.size(3),
+                  static_cast<float>(scale)};
+  const int64_t H = q.size(1);
+  at::parallel_for(0, q.size(0) * H, 1, [&](int64_t begin, int64_t end) { few_keys_heads(a, H, begin, end); });
+}
 #else
 bool try_fused_f32(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Table&, double, at::Tensor&,
                    at::Tensor&, at::Tensor*) {
@@ -811,6 +928,8 @@ bool try_fused_projected(const at::Tensor&, const at::Tensor&, const at::Tensor&
 }
 struct Block {};
 bool block_applies(int64_t, int64_t, int64_t) { return false; }
+bool few_keys_applies(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return false; }
+void few_keys_run(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, at::Tensor&) {}
 #endif
 
 // Calls f.template operator()<Kernels<scalar_t, D, UNIT>>() for the tensors' head dim and strides.
@@ -968,6 +1087,19 @@ bool adjacency_mha_fused(int64_t batch, int64_t embed_dim, int64_t num_heads, in
          block_applies(embed_dim, num_heads, max_degree);
 }
 
+// Inference (not differentiable): unmasked softmax attention of q [B, H, L, d] to k, v [B, H, S, d], written in
+// `layout` (see empty_out). The AVX-512 kernel for at most kFewKeys keys; otherwise ATen's SDPA, copied.
+at::Tensor few_keys_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                  int64_t layout) {
+  check_qkv(q, k, v);
+  at::Tensor out = empty_out(q, layout);
+  if (few_keys_applies(q, k, v))
+    few_keys_run(q, k, v, scale, out);
+  else
+    out.copy_(at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, scale));
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adjacency_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& index, const at::Tensor& count, const at::Tensor& shared, double scale) {
@@ -1021,6 +1153,7 @@ TORCH_LIBRARY_FRAGMENT(tore_kernels, m) {
         "float scale) -> Tensor");
   m.def("adjacency_mha_forward(Tensor query, Tensor key, Tensor value, Tensor in_wt, Tensor? in_bias, Tensor index, "
         "Tensor count, Tensor shared, int num_heads, float scale, Tensor out_wt, Tensor? out_bias) -> Tensor");
+  m.def("few_keys_attention(Tensor q, Tensor k, Tensor v, float scale, int layout) -> Tensor");
   m.def("adjacency_mha_fused(int batch, int embed_dim, int num_heads, int max_degree) -> bool", &adjacency_mha_fused);
 }
 
@@ -1031,6 +1164,7 @@ TORCH_LIBRARY_IMPL(tore_kernels, CPU, m) {
   m.impl("adjacency_attention_backward", &adjacency_attention_backward_cpu);
   m.impl("adjacency_attention_probs", &adjacency_attention_probs_cpu);
   m.impl("adjacency_mha_forward", &adjacency_mha_forward_cpu);
+  m.impl("few_keys_attention", &few_keys_attention_cpu);
 }
 
 }  // namespace tore_kernels

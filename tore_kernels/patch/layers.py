@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..nn.attention import AdjacencyMultiheadAttention, few_keys_table
+from ..ops.adjacency_attention import dense_attention
 from ..ops.linear import linear
 
 
@@ -93,8 +94,8 @@ def _attend(mha, query, key, value, attn_mask=None):
     table = few_keys_table(q.shape[2], k.shape[2], q.dtype, q.device)
     if table is not None and isinstance(mha, AdjacencyMultiheadAttention):  # the NSR's cross-attention to 14 joints
         return mha._attend_projected(q, k, v, table)[0]  # the kernel, every key shared
-    out = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, d]
-    # SDPA writes in q's memory order, the projection's [L, B, H, d]: a free view (a copy for a broadcast q)
+    out = dense_attention(q, k, v)  # [B, H, L, d]
+    # SDPA (and the few-keys kernel) writes in q's memory order, the projection's [L, B, H, d]: a free view (a copy for a broadcast q)
     return linear(out.permute(2, 0, 1, 3).flatten(2), mha.out_proj.weight, mha.out_proj.bias)
 
 

@@ -808,7 +808,6 @@ def test_gpu_report_configs_cover_head_dims_and_dtypes():
             assert f"adjacency_attention_backward[d<={d},{ty}]" in names
 
 
-# the value tests of the CPU kernels: what each ISA clone reruns
 def _seq_first_qkv(L, S, B, H, d, seed, broadcast_q=False):
     """q, k, v [B, H, L|S, d] as the patched layers pass them: views of seq-first projections (q one third of a
     packed [L, B, 3, H, d] output; broadcast over the batch when asked)."""
@@ -832,7 +831,6 @@ def test_few_keys_attention_op(L, S, d, broadcast_q):
     for layout in (aa.LAYOUT_LBHD, aa.LAYOUT_BLHD, aa.LAYOUT_BHLD):
         out = torch.ops.tore_kernels.few_keys_attention(q, k, v, d ** -0.5, layout)
         torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
-
     out = torch.ops.tore_kernels.few_keys_attention(q, k, v, 0.3, aa.LAYOUT_LBHD)  # the scale is honoured
     torch.testing.assert_close(out.double(), F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
                                                                             scale=0.3), rtol=2e-5, atol=2e-5)
@@ -856,7 +854,7 @@ def test_few_keys_attention_nan_propagates():
 
 
 @needs_ext
-def test_dense_attention_output_order_and_fallbacks():
+def test_dense_attention_output_order_and_fallbacks(monkeypatch):
     """dense_attention: SDPA's values in q's [L, B, H, d] memory order (what _attend out-projects as a view),
     through the kernel only in inference on the C++ backend with AVX-512; autograd and bigger key sets get SDPA."""
     q, k, v = _seq_first_qkv(445, 49, 2, 8, 64, seed=2)
@@ -865,25 +863,23 @@ def test_dense_attention_output_order_and_fallbacks():
         out = aa.dense_attention(q, k, v)
     torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
     assert out.permute(2, 0, 1, 3).is_contiguous()
-    calls = []
-    real = torch.ops.tore_kernels.few_keys_attention
-    class Spy:
-        def __call__(self, *a):
-            calls.append(a[1].shape[-2])
-            return real(*a)
-    import unittest.mock
-    with unittest.mock.patch.object(aa.torch.ops.tore_kernels, "few_keys_attention", Spy()):
-        with torch.no_grad():
-            aa.dense_attention(q, k, v)
-            k65, v65 = (torch.randn(2, 8, 65, 64) for _ in range(2))
-            torch.testing.assert_close(aa.dense_attention(q, k65, v65), F.scaled_dot_product_attention(q, k65, v65))
-        qg = q.detach().requires_grad_()
-        out = aa.dense_attention(qg, k, v)
-        out.sum().backward()  # SDPA's autograd
-        assert qg.grad is not None
+    calls, real = [], torch.ops.tore_kernels.few_keys_attention
+
+    def spy(*args):
+        calls.append(args[1].shape[-2])
+        return real(*args)
+    monkeypatch.setattr(torch.ops.tore_kernels, "few_keys_attention", spy)
+    with torch.no_grad():
+        aa.dense_attention(q, k, v)
+        k65, v65 = (torch.randn(2, 8, 65, 64) for _ in range(2))
+        torch.testing.assert_close(aa.dense_attention(q, k65, v65), F.scaled_dot_product_attention(q, k65, v65))
+    qg = q.detach().requires_grad_()
+    aa.dense_attention(qg, k, v).sum().backward()  # SDPA's autograd
+    assert qg.grad is not None
     assert calls == ([49] if backend.cpu_isa() == "avx512" else [])
 
 
+# the value tests of the CPU kernels: what each ISA clone reruns
 CLONE_TESTS = ("test_forward_weights_op or test_strides_head_dims_layouts or test_module_random_graph or nan_input "
                "or forward_projected or mha_forward or test_module_inference_runs_whole_block_op "
                "or test_module_cross_attention_few_keys or few_keys_attention or test_dense_attention")

@@ -348,17 +348,22 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     tensors = (q, k, v)
     if not (_HAS_FEW_KEYS and q.dim() == 4 and k.dim() == 4 and 1 <= k.shape[2] <= FEW_KEYS
             and q.shape[3] % 16 == 0 and backend.cpu_isa() == "avx512" and all(t.stride(-1) == 1 for t in tensors)
-            and not torch.compiler.is_compiling() and _cpu_inference(None, tensors)):
+            and not torch.compiler.is_compiling() and _cpu_fp32_inference(tensors)):
         return F.scaled_dot_product_attention(q, k, v)
     layout = LAYOUT_LBHD if q.stride(0) < q.stride(2) else LAYOUT_BLHD
     return torch.ops.tore_kernels.few_keys_attention(q, k, v, q.shape[-1] ** -0.5, layout)
 
 
-def _cpu_inference(table: NeighbourTable | None, tensors) -> bool:
-    """The fused CPU inference ops apply: fp32 CPU tensors, the C++ backend, no dense rows, no autograd."""
+def _cpu_fp32_inference(tensors) -> bool:
+    """The CPU inference ops apply: fp32 CPU tensors, the C++ backend, no autograd."""
     return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and (table is None or not table.dense_rows.numel()) and backend.choose(OP, tensors[0].device) == "cpu"
+            and backend.choose(OP, tensors[0].device) == "cpu"
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
+
+def _cpu_inference(table: NeighbourTable, tensors) -> bool:
+    """The fused CPU inference ops apply: those of :func:`_cpu_fp32_inference`, and no dense rows."""
+    return not table.dense_rows.numel() and _cpu_fp32_inference(tensors)
 
 
 def mha_inference(query, key, value, table: NeighbourTable, num_heads: int, in_proj_weight: torch.Tensor,

@@ -95,7 +95,7 @@ def _attend(mha, query, key, value, attn_mask=None):
     if table is not None and isinstance(mha, AdjacencyMultiheadAttention):  # the NSR's cross-attention to 14 joints
         return mha._attend_projected(q, k, v, table)[0]  # the kernel, every key shared
     out = dense_attention(q, k, v)  # [B, H, L, d]
-    # SDPA (and the few-keys kernel) writes in q's memory order, the projection's [L, B, H, d]: a free view (a copy for a broadcast q)
+    # written in q's memory order, the projection's [L, B, H, d]: a free view (SDPA copies a broadcast q)
     return linear(out.permute(2, 0, 1, 3).flatten(2), mha.out_proj.weight, mha.out_proj.bias)
 
 

@@ -182,6 +182,61 @@ def test_repeated_decoder_tokens_share_the_first_self_attention(kind, topo, feat
     assert layers.same_over_batch(x) is x
 
 
+@pytest.mark.parametrize("kind", ["fastmetro", "tore_itp", "tore_gtr"])
+def test_token_embedding_self_attention_is_computed_once(kind, topo):
+    # the first decoder layers whose queries are the token embeddings run their self-attention block on the first
+    # call only; new weights (in place or loaded), another mask, other queries or grad mode compute it again
+    model = build(kind, topo)
+    patched = patch(copy.deepcopy(model))
+    cached = {name: m for name, m in patched.named_modules() if layers.QUERY_SOURCES in m.__dict__}
+    masked = "transformer_1.decoder.layers.0" if kind == "fastmetro" else "transformer_3.decoder.layers.0"
+    assert set(cached) == {"transformer_1.decoder.layers.0", masked}
+    runs = []
+    for name, layer in cached.items():
+        layer.norm1.register_forward_hook(lambda mod, args, out, name=name: runs.append(name))
+
+    def check(expected, batch=2, grad=False):
+        x = torch.randn(batch, C_BACKBONE, 7, 7)
+        with torch.set_grad_enabled(grad):
+            assert_close_all([o.detach() for o in outputs(patched, x)], [o.detach() for o in outputs(model, x)],
+                             **TOL)
+        assert sorted(runs) == sorted(expected)
+        runs.clear()
+
+    check(cached)
+    check([], batch=1)  # new images, another batch size: the same block
+    check([], batch=3)
+    for m in (model, patched):  # in place: the vertex tokens are queries of FastMETRO's first layer and the NSR's
+        with torch.no_grad():
+            m.vertex_token_embed.weight.mul_(1.5)
+    check([masked])
+    for m in (model, patched):
+        m.load_state_dict(build(kind, topo, seed=3).state_dict())
+    check(cached)
+    mask = model.attention_mask
+    i, j = next((i, j) for i in range(20, len(mask)) for j in range(len(mask)) if i != j and not mask[i, j])
+    for m in (model, patched):
+        m.attention_mask[i, j] = True  # one neighbour less
+    check([masked])
+    check(cached, grad=True)
+    check(cached, grad=True)
+    # other queries given to the layer itself: computed, and not cached
+    layer, original = cached[masked], model.get_submodule(masked)
+    queries, width = sum(len(p) for p in layer.__dict__[layers.QUERY_SOURCES]), original.norm1.weight.shape[0]
+    tgt, memory, pos = torch.randn(queries, 1, width), torch.randn(14, 1, width), torch.randn(14, 1, width)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(layer(tgt, memory, tgt_mask=mask, pos=pos),
+                                       original(tgt, memory, tgt_mask=mask, pos=pos), **TOL)
+    assert runs == [masked, masked]
+    runs.clear()
+    check([])
+    unpatch(patched)
+    assert not any(layers.QUERY_SOURCES in m.__dict__ for m in patched.modules())
+    assert not any(m in layers._INVARIANT for m in patched.modules())
+    assert set(patched.state_dict()) == set(model.state_dict())
+
+
 def test_idempotent(topo, features):
     model = patch(build("tore_itp", topo))
     modules, report, cls = dict(model.named_modules()), patch_report(model), type(model)

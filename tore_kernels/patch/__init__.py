@@ -64,6 +64,7 @@ from .. import backend
 from ..ops.linear import drop_derived
 from . import bf16 as _bf16
 from . import families
+from . import layers
 
 try:  # the backbone's fast forwards (tore_kernels/patch/backbone.py); without it the backbone is left as it is
     from .backbone import backbone_forwards
@@ -160,18 +161,28 @@ def _plan(inner, bf16, backbone):
     return plan
 
 
+_ABSENT = object()  # the original of an attribute that patch adds
+
+
+def _restore(originals):
+    for parent, attr, original in reversed(originals):
+        if original is _ABSENT:
+            delattr(parent, attr)
+        else:
+            setattr(parent, attr, original)
+
+
 def _apply(inner, plan, state):
     """Assign every swap of ``plan``, recording the originals; undone in full if any assignment fails."""
     try:
         for parent, attr, new in plan.swaps:
-            state.originals.append((parent, attr, getattr(parent, attr)))
+            state.originals.append((parent, attr, getattr(parent, attr, _ABSENT)))
             setattr(parent, attr, new)
         for obj, forward in plan.forwards:
             state.originals.append((obj, "__class__", type(obj)))
             obj.__class__ = _patched_class(type(obj), forward)
     except BaseException:
-        for parent, attr, original in reversed(state.originals):
-            setattr(parent, attr, original)
+        _restore(state.originals)
         raise
     inner.__dict__[_STATE] = state
 
@@ -229,9 +240,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     inner = _unwrap(model)
     state = inner.__dict__.pop(_STATE, None)
     if state is not None:
-        for parent, attr, original in reversed(state.originals):
-            setattr(parent, attr, original)
+        _restore(state.originals)
         drop_derived(inner.parameters())  # the packed / bf16 weight copies
+        layers.forget_invariants(inner.modules())
     return model
 
 

@@ -95,6 +95,15 @@ def add_transformers(plan, model, slots, masked):
                             "run SDPA on projection views, in-place ReLU and residuals, broadcast queries once"))
 
 
+def add_query_sources(plan, model, transformer, embeddings):
+    """Tell ``transformer``'s first decoder layer that its queries are the rows of ``embeddings`` (names of the
+    model's nn.Embedding modules, in order): its self-attention block is then computed once per parameter version."""
+    layer = module(model, transformer).decoder.layers[0]
+    plan.swaps.append((layer, layers.QUERY_SOURCES, tuple(getattr(model, e).weight for e in embeddings)))
+    plan.report.append((f"{transformer}.decoder.layers.0", "self-attention block per call", "computed once while "
+                        f"its queries are {' + '.join(embeddings)} (checked per call) and the parameters unchanged"))
+
+
 def add_sampler(plan, model, bf16):
     sampler = (_bf16.FP32MeshSampler if bf16 else MeshSampler).from_sampler(model.mesh_sampler)
     plan.swaps.append((model, "mesh_sampler", sampler))

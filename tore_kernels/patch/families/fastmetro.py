@@ -32,6 +32,7 @@ def plan(model, bf16, problems):
         return None
     p = common.Plan("FastMETRO")
     common.add_transformers(p, model, slots, masked=("transformer_1", "transformer_2"))
+    common.add_query_sources(p, model, "transformer_1", ("joint_token_embed", "vertex_token_embed"))
     common.add_sampler(p, model, bf16)
     common.add_linears(p, model, bf16)
     return p

@@ -55,6 +55,9 @@ def plan(model, bf16, problems):
         return None
     p = common.Plan("TORE-FastMETRO (ITP + GTR)" if has_itp else "TORE-FastMETRO (GTR)")
     common.add_transformers(p, model, slots, masked=("transformer_3",))
+    if isinstance(getattr(model, "joint_token_embed", None), nn.Embedding):
+        common.add_query_sources(p, model, "transformer_1", ("joint_token_embed",))
+    common.add_query_sources(p, model, "transformer_3", ("vertex_token_embed",))
     common.add_sampler(p, model, bf16)
     common.add_linears(p, model, bf16, keep=ITP_PARTS if has_itp else ())
     if has_itp:

@@ -203,7 +203,11 @@ def test_token_embedding_self_attention_is_computed_once(kind, topo):
         assert sorted(runs) == sorted(expected)
         runs.clear()
 
-    check(cached)
+    with torch.inference_mode():
+        outputs(patched, torch.randn(2, C_BACKBONE, 7, 7))
+    assert sorted(runs) == sorted(cached) and not any(
+        t.is_inference() for m in cached.values() for t in layers._INVARIANT[m][2] if t is not None)
+    runs.clear()
     check([], batch=1)  # new images, another batch size: the same block
     check([], batch=3)
     for m in (model, patched):  # in place: the vertex tokens are queries of FastMETRO's first layer and the NSR's

@@ -207,8 +207,9 @@ def query_invariant(layer, tokens, inputs, compute):
     entry = _INVARIANT.get(layer)
     if entry is not None and entry[0] == state and all(_same(a, b) for a, b in zip(entry[1], inputs)):
         return entry[2]
-    results = compute()
-    _INVARIANT[layer] = (state, tuple(None if x is None else x.clone() for x in inputs), results)
+    with torch.inference_mode(False), torch.no_grad():  # normal tensors, usable outside inference mode too
+        results = compute()
+        _INVARIANT[layer] = (state, tuple(None if x is None else x.clone() for x in inputs), results)
     return results
 
 

@@ -124,7 +124,7 @@ def test_matches_float64_within_fp32_rounding(name, batch):
     model = _models()[name]
     x = torch.randn(batch, 3, 64, 48)
     eager_err, fast_err, scale, plan, fast = _errors(model, x)
-    assert len(plan) == 10  # the top level, 6 blocks, 3 downsample Sequentials
+    assert len(plan) == 14  # the top level, 6 blocks, 3 downsample Sequentials, 4 Sequentials of blocks
     # folding reassociates the BatchNorm: the error is of the eager fp32 forward's order, both far below 1e-5
     eps = torch.finfo(torch.float32).eps
     assert fast_err <= max(4 * eager_err, 64 * eps * scale), (fast_err, eager_err, scale)
@@ -159,6 +159,36 @@ def test_identity_shortcut_leaves_the_input_alone():
     with torch.no_grad():
         block(x)
     assert torch.equal(x, before)
+
+
+def test_blocks_sum_into_inputs_only_their_loop_holds(monkeypatch):
+    # a Sequential of blocks lets each block after the first (and one with a folded downsample) accumulate its
+    # residual sum into its input; the caller's tensor, and any tensor a hook could see, stay as they were
+    layer = _randomise_batchnorm(nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 8),
+                                               Bottleneck(8, 2, 1, nn.Sequential(nn.Conv2d(8, 8, 1, bias=False),
+                                                                                 nn.BatchNorm2d(8))))).eval()
+    ref = copy.deepcopy(layer).double()
+    assert [f.__name__ for _, f in _apply(nn.Sequential(layer))][:2] == ["_sequential_top_forward", "_blocks_forward"]
+    flags, real = [], backbone._conv_bn
+
+    def spy(conv, bn, x, relu=False, residual=None, into_residual=False):
+        if residual is not None:
+            flags.append(into_residual)
+        return real(conv, bn, x, relu, residual, into_residual)
+    monkeypatch.setattr(backbone, "_conv_bn", spy)
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    before = x.clone()
+    with torch.no_grad():
+        exact = ref(x.double())
+        y = layer(x)
+        assert flags == [False, True, True] and torch.equal(x, before)
+        torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-5)
+        seen = []
+        layer[1].register_forward_pre_hook(lambda mod, args: seen.append((args[0], args[0].clone())))
+        flags.clear()
+        torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+    assert flags == [False, False, True]  # called one by one: the hooked block's input is left alone
+    assert torch.equal(seen[0][0], seen[0][1])
 
 
 def test_state_dict_and_parameters_unchanged():

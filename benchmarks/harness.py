@@ -401,6 +401,17 @@ def _write_plot(path: str, rows: list[dict[str, Any]], env: dict[str, Any]) -> N
     plt.close(fig)
 
 
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """Labelled ticks 1, 2, 3, 5 (and 1.5, 7 when few) per decade within [lo, hi] for a log axis: matplotlib labels
+    none inside a decade that holds no power of ten."""
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    for steps in ((1, 1.5, 2, 3, 5, 7), (1, 2, 3, 5), (1, 2, 5), (1,)):
+        ticks = [m * 10.0 ** e for e in decades for m in steps if lo <= m * 10.0 ** e <= hi]
+        if len(ticks) <= 8:
+            return ticks
+    return ticks
+
+
 def _write_throughput_plot(path: str, rows: list[dict[str, Any]], env: dict[str, Any]) -> bool:
     """Samples (images) per second against the batch, one panel per model of the headline entries, one line per
     variant; False (nothing written) when no headline case has a batch parameter."""
@@ -429,8 +440,9 @@ def _write_throughput_plot(path: str, rows: list[dict[str, Any]], env: dict[str,
         ax.set_yscale("log")
         batches = sorted({b for points in lines.values() for b, _ in points})
         ax.set_xticks(batches, [str(b) for b in batches])
+        ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_yticks(_log_ticks(*ax.get_ylim()))
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("batch")
         ax.set_ylabel("samples (images) per second")
         ax.set_title(key.replace(",", ", "), fontsize=8, wrap=True)

@@ -306,3 +306,6 @@ def test_plots_group_headline_entries_and_draw_throughput(tmp_path):
     for name in ("r.png", "t.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "n.png").exists()
+    # the log axis gets labels inside a decade without a power of ten, and few of them over many decades
+    assert harness._log_ticks(28, 165) == [30, 50, 70, 100, 150]
+    assert harness._log_ticks(1, 10000) == [1, 10, 100, 1000, 10000]

@@ -17,7 +17,8 @@ Recognised by structure (attribute names and types): torchvision's / HRNet's ``B
 (``conv1``, ``bn1``, ``conv2``, ``bn2``[, ``conv3``, ``bn3``], ``relu``, ``downsample``), ``nn.Sequential``
 (runs of ``Conv2d``, ``BatchNorm2d``[, ``ReLU``], or of those blocks), and torchvision's ``ResNet`` (the stem,
 ``layer1..4``, ``avgpool``, ``fc``). Anything else keeps its own forward. Outside inference each forward is the
-module's own. Parameters, buffers and ``state_dict`` are untouched; the folded copies cost one more copy of the conv weights.
+module's own. Parameters, buffers and ``state_dict`` are untouched; the folded copies cost one more copy of the
+conv weights.
 """
 from __future__ import annotations
 

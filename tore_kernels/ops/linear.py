@@ -33,6 +33,12 @@ _MKL = (torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reord
 _DERIVED: dict[tuple[int, str], tuple] = {}  # (id(parameter), tag) -> (weakref, (version, data_ptr), tensor)
 
 
+def tensor_versions(tensors) -> tuple:
+    """What a cache of values derived from ``tensors`` is keyed on: each one's version counter (bumped by in-place
+    writes) and storage (changed by ``load_state_dict`` into a new tensor or ``.data =``)."""
+    return tuple((t._version, t.data_ptr()) for t in tensors)
+
+
 def derived_weight(weight: torch.Tensor, tag: str, make, depends=()):
     """``make(weight.detach())``, computed once per version of ``weight`` (and of each tensor in ``depends``, which
     ``make`` also reads: e.g. the BatchNorm folded into a conv) and cached under ``tag``. The result is a normal
@@ -40,7 +46,7 @@ def derived_weight(weight: torch.Tensor, tag: str, make, depends=()):
     Under torch.compile it runs outside the graph (a cache keyed on identities would recompile per parameter)."""
     if torch.compiler.is_compiling():
         return _derived_weight_untraced(weight, tag, make, depends)
-    key, i = tuple((t._version, t.data_ptr()) for t in (weight, *depends)), id(weight)
+    key, i = tensor_versions((weight, *depends)), id(weight)
     hit = _DERIVED.get((i, tag))
     if hit is None or hit[0]() is not weight or hit[1] != key:
         ref = weakref.ref(weight, lambda _, k=(i, tag): _DERIVED.pop(k, None))  # dropped with the parameter

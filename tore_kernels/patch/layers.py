@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..nn.attention import AdjacencyMultiheadAttention, few_keys_table
 from ..ops.adjacency_attention import dense_attention
-from ..ops.linear import linear
+from ..ops.linear import linear, tensor_versions
 
 
 def eager_under_compile(forward):
@@ -184,10 +184,8 @@ def _same(a, b) -> bool:
 
 def _rows_of(tokens, sources) -> bool:
     """Whether the ``[L, E]`` ``tokens`` are the rows of ``sources`` one after another."""
-    if sum(p.shape[0] for p in sources) != tokens.shape[0]:
-        return False
-    rows = tokens.split([p.shape[0] for p in sources])
-    return all(_same(r, p.detach()) for r, p in zip(rows, sources))
+    sizes = [p.shape[0] for p in sources]
+    return sum(sizes) == tokens.shape[0] and all(_same(r, p.detach()) for r, p in zip(tokens.split(sizes), sources))
 
 
 def query_invariant(layer, tokens, inputs, compute):
@@ -202,7 +200,7 @@ def query_invariant(layer, tokens, inputs, compute):
             or tokens.shape[1] != 1 or any(m.training for m in layer.modules()) or not _rows_of(tokens[:, 0], sources)):
         return compute()
     device = tokens.device.type
-    state = (tuple((p._version, p.data_ptr()) for p in (*layer.parameters(), *sources)),
+    state = (tensor_versions((*layer.parameters(), *sources)),
              torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
     entry = _INVARIANT.get(layer)
     if entry is not None and entry[0] == state and all(_same(a, b) for a, b in zip(entry[1], inputs)):

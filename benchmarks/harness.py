@@ -328,12 +328,20 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as f:
+def _write_results(files: dict[str, str], rows: list[dict[str, Any]], env: dict[str, Any]) -> None:
+    """The CSV and JSON of ``rows`` so far (nothing when no folder was asked for), each replaced whole: a run
+    stopped while writing leaves the previous complete file, never a truncated one."""
+    if not files:
+        return
+    with open(files["csv"] + ".tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for r in rows:
             writer.writerow({**{k: r.get(k) for k in CSV_FIELDS}, "params": json.dumps(r["params"], sort_keys=True)})
+    with open(files["json"] + ".tmp", "w") as f:
+        json.dump({"environment": env, "results": [{k: r[k] for k in r if k not in env} for r in rows]}, f, indent=1)
+    for path in (files["csv"], files["json"]):
+        os.replace(path + ".tmp", path)
 
 
 # entries drawn first, in this order (the comparisons a reader looks for); the others follow in run order
@@ -487,7 +495,8 @@ class _Progress:
 def run(entries: Iterable[str] | None = None, device: str | torch.device = "cpu", quick: bool = False,
         out_dir: str | os.PathLike | None = "bench-results", plot: bool = False, progress: bool = True,
         print_table: bool = True) -> dict[str, Any]:
-    """Run the named entries (all discovered ones when None) and write CSV/JSON (and PNG) to ``out_dir``.
+    """Run the named entries (all discovered ones when None) and write CSV/JSON (and PNG) to ``out_dir``. The CSV
+    and JSON are rewritten after every case, so a run that is interrupted or killed keeps the cases it finished.
 
     Returns ``{"environment": ..., "results": [row, ...], "files": {"csv": ..., "json": ..., "png": ...}}``;
     a row's ``status`` is ``"ok"`` or ``"error: ..."``.
@@ -512,6 +521,11 @@ def run(entries: Iterable[str] | None = None, device: str | torch.device = "cpu"
             raise ValueError(f"unknown benchmark entr{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
                              f"available: {', '.join(sorted(available)) or '(none)'}")
     env = environment(device)
+    files: dict[str, str] = {}
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        stem = os.path.join(os.fspath(out_dir), f"bench-{device.type}-{env['timestamp'].replace(':', '')}")
+        files["csv"], files["json"] = stem + ".csv", stem + ".json"
     rows: list[dict[str, Any]] = []
     bar = _Progress(progress)
     try:
@@ -520,23 +534,17 @@ def run(entries: Iterable[str] | None = None, device: str | torch.device = "cpu"
                 for case in available[name](device, quick):
                     bar.step(f"{name} {_params_text(case.params)}")
                     rows += [{**env, **row} for row in time_case(case, device, quick)]
+                    _write_results(files, rows, env)  # after every case: a run cut short keeps what it measured
             except Exception as exc:  # an entry that cannot even build its cases is reported, not fatal
                 rows.append({**env, "entry": name, "params": {}, "variant": "-", "baseline": "-",
                              "status": f"error: {type(exc).__name__}: {exc}", "median_ms": None, "q1_ms": None,
                              "q3_ms": None, "min_ms": None, "max_ms": None, "reps": 0, "calls_per_rep": 0,
                              "ratio_vs_baseline": None, "per_s": None, "note": "", "bytes": None, "gb_per_s": None})
+        _write_results(files, rows, env)
     finally:
         bar.close()
 
-    files: dict[str, str] = {}
     if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
-        stem = os.path.join(os.fspath(out_dir), f"bench-{device.type}-{env['timestamp'].replace(':', '')}")
-        files["csv"], files["json"] = stem + ".csv", stem + ".json"
-        _write_csv(files["csv"], rows)
-        with open(files["json"], "w") as f:
-            json.dump({"environment": env, "results": [{k: r[k] for k in r if k not in env} for r in rows]},
-                      f, indent=1)
         if plot:
             files["png"] = stem + ".png"
             _write_plot(files["png"], rows, env)

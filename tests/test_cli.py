@@ -37,6 +37,12 @@ def broken(device, quick):
     x = torch.ones(6)
     yield Case("broken", {"n": 6}, {"eager": lambda: x + 1, "bad": lambda: x.view(7)})
 
+@entry("interrupted")
+def interrupted(device, quick):
+    x = torch.ones(4)
+    yield Case("interrupted", {"n": 4}, {"eager": lambda: x + 1, "fast": lambda: x.add(1)})
+    raise KeyboardInterrupt  # Ctrl-C while the second case is built
+
 @entry("no_cases")
 def no_cases(device, quick):
     raise RuntimeError("cannot build inputs")
@@ -58,7 +64,7 @@ def fake_bench(tmp_path, monkeypatch):
 
 
 def test_discover_imports_bench_modules_only(fake_bench):
-    assert sorted(harness.discover()) == ["broken", "fake", "no_cases"]
+    assert sorted(harness.discover()) == ["broken", "fake", "interrupted", "no_cases"]
 
 
 def test_run_times_alternates_and_writes_csv_json(fake_bench, tmp_path):
@@ -104,6 +110,18 @@ def test_plot(fake_bench, tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_interrupted_run_keeps_the_finished_cases(fake_bench, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        harness.run(["fake", "interrupted"], quick=True, out_dir=tmp_path, progress=False, print_table=False)
+    csv_file, = tmp_path.glob("bench-cpu-*.csv")
+    json_file, = tmp_path.glob("bench-cpu-*.json")
+    assert not list(tmp_path.glob("*.tmp"))
+    rows = list(csv.DictReader(csv_file.open()))
+    assert [(r["entry"], r["variant"], r["status"]) for r in rows] == [
+        ("fake", "eager", "ok"), ("fake", "fast", "ok"), ("interrupted", "eager", "ok"), ("interrupted", "fast", "ok")]
+    assert [r["variant"] for r in json.loads(json_file.read_text())["results"]] == ["eager", "fast"] * 2
+
+
 def test_plot_without_matplotlib(fake_bench, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setattr(harness.importlib.util, "find_spec",
@@ -132,7 +150,7 @@ def test_broken_variant_and_entry_are_reported(fake_bench):
 
 
 def test_run_rejects_bad_arguments(fake_bench):
-    with pytest.raises(ValueError, match=r"unknown benchmark entry nope; available: broken, fake, no_cases"):
+    with pytest.raises(ValueError, match=r"unknown benchmark entry nope; available: broken, fake, interrupted, no_cases"):
         harness.run(["nope"], out_dir=None)
     with pytest.raises(ValueError, match=r"device: expected 'cpu' or 'cuda', got 'meta'"):
         harness.run(["fake"], device="meta", out_dir=None)
@@ -164,7 +182,7 @@ def test_case_and_entry_validation(monkeypatch):
 
 def test_cli_bench(fake_bench, tmp_path, capsys):
     assert cli.main(["bench", "--list"]) == 0
-    assert capsys.readouterr().out.split() == ["broken", "fake", "no_cases"]
+    assert capsys.readouterr().out.split() == ["broken", "fake", "interrupted", "no_cases"]
 
     assert cli.main(["bench", "fake", "--quick", "--out", str(tmp_path / "o"), "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -176,7 +194,7 @@ def test_cli_bench(fake_bench, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, code, message", [
-    (["bench", "nope", "--quick"], 2, "unknown benchmark entry nope; available: broken, fake, no_cases"),
+    (["bench", "nope", "--quick"], 2, "unknown benchmark entry nope; available: broken, fake, interrupted, no_cases"),
     (["bench", "--device", "tpu"], 2, "argument --device: invalid choice: 'tpu'"),
     (["bench", "--quick=3"], 2, "ignored explicit argument"),
     (["frobnicate"], 2, "invalid choice: 'frobnicate'"),

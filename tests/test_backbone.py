@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from tore_kernels.patch.backbone import _sequential_top_forward, backbone_forwards
+from tore_kernels.backend import bf16_native
 from tore_kernels.patch import _patched_class, backbone
 
 
@@ -203,7 +204,7 @@ def test_state_dict_and_parameters_unchanged():
     assert list(after) == list(state) and all(torch.equal(after[k], v) for k, v in state.items())
 
 
-def test_training_grad_and_autocast_run_the_modules_own_forward():
+def test_training_and_grad_run_the_modules_own_forward():
     model = _models()["resnet"]
     patched = copy.deepcopy(model)
     _apply(patched)
@@ -213,13 +214,46 @@ def test_training_grad_and_autocast_run_the_modules_own_forward():
     assert torch.equal(y, y_ref)
     y.sum().backward()
     assert patched.conv1.weight.grad is not None and patched.layer3[0].bn2.weight.grad is not None
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(patched(x), model(x))
     # training mode: batch statistics, running statistics updated as by the module itself
     model.train(), patched.train()
     with torch.no_grad():
         assert torch.equal(patched(x), model(x))
     assert torch.equal(patched.layer1[0].bn1.running_mean, model.layer1[0].bn1.running_mean)
+
+
+@pytest.mark.parametrize("name", ["resnet", "sequential trunk"])
+def test_bf16_autocast_runs_folded_in_bf16_where_native(name, monkeypatch):
+    if not bf16_native():
+        pytest.skip("this CPU has no native bf16: oneDNN would emulate the bf16 convs (the fallback test covers it)")
+    model = _models()[name]
+    x = torch.randn(2, 3, 64, 48)
+    patched = copy.deepcopy(model)
+    _apply(patched)
+    calls = []
+    conv_bn = backbone._conv_bn
+    monkeypatch.setattr(backbone, "_conv_bn", lambda *a, **k: calls.append(a[2].dtype) or conv_bn(*a, **k))
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            eager, fast = model(x), patched(x)
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert len(calls) == convs and fast.dtype == eager.dtype == torch.bfloat16  # every conv + BatchNorm folded
+    assert set(calls[1:]) == {torch.bfloat16}  # bf16 from the stem on: no fp32 round trips between the convs
+    # bf16 rounding of the folded weights instead of autocast's per-conv casts: errors of the same order
+    eager_err, fast_err = (float((y.double() - exact).abs().max()) for y in (eager, fast))
+    assert fast_err <= 2 * eager_err, (fast_err, eager_err, float(exact.abs().max()))
+
+
+def test_bf16_autocast_without_native_bf16_runs_the_modules_own_forward(monkeypatch):
+    monkeypatch.setattr(backbone, "bf16_native", lambda: False)
+    model = _models()["resnet"]
+    patched = copy.deepcopy(model)
+    _apply(patched)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(patched(x), model(x))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):  # fp16 autocast: never folded
+        assert torch.equal(patched(x), model(x))
 
 
 def test_folded_weights_follow_parameter_and_statistics_updates():

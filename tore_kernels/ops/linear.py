@@ -66,7 +66,8 @@ def drop_derived(tensors) -> None:
             _DERIVED.pop(key, None)
 
 
-def _bf16_autocast() -> bool:
+def bf16_autocast() -> bool:
+    """Whether CPU autocast to bf16 is on (``patch(dtype=torch.bfloat16)``'s forwards run under it)."""
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
@@ -109,7 +110,7 @@ def _path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: i
     if torch.compiler.is_compiling() or x.dim() < 2 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         return None
     k, size = x.shape[-1], x.numel()
-    bf16 = weight.dtype == torch.bfloat16 or _bf16_autocast()
+    bf16 = weight.dtype == torch.bfloat16 or bf16_autocast()
     gemm, min_rows = fp32_gemm()
     if not bf16 and (gemm is None or size < min_rows * k or _small(size, k, n, gemm)):
         return None
@@ -152,7 +153,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     lo, hi = (0, weight.shape[0]) if rows is None else rows
     path = _path(x, weight, bias, hi - lo)
     if path == "onednn":
-        dtype = torch.bfloat16 if _bf16_autocast() else weight.dtype
+        dtype = torch.bfloat16 if bf16_autocast() else weight.dtype
         packed = derived_weight(weight, f"onednn:{dtype}:{lo}:{hi}", lambda w: torch.ops.mkldnn._reorder_linear_weight(
             w[lo:hi].to(dtype).contiguous()))
         if bias is not None:

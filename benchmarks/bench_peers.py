@@ -22,6 +22,7 @@ import warnings
 import torch
 from torch import nn
 
+from tore_kernels.backend import bf16_native
 from tore_kernels.nn.mesh import MeshSampler
 from tore_kernels.patch import patch
 from tore_reference import released
@@ -163,23 +164,24 @@ def _error(out, ref) -> float:
     return max(float((o - r).abs().max()) for o, r in zip(out, ref)) / max(float(r.abs().max()) for r in ref)
 
 
-def _checked(fn, ref):
-    """``fn`` if its outputs agree with ``ref`` (and the note saying how closely), else a variant that fails."""
+def _checked(fn, ref, tolerance=TOLERANCE):
+    """``fn`` if its outputs agree with ``ref`` within ``tolerance`` of their range (and the note saying how
+    closely), else a variant that fails."""
     with torch.no_grad():
         try:
             err = _error(fn(), ref)
         except Exception:  # a variant that cannot run fails its row (timing it reports the error)
             return fn, ""
-    if not err <= TOLERANCE:
+    if not err <= tolerance:
         def disagrees():
-            raise AssertionError(f"outputs differ from eager by {err:.3g} of their range (> {TOLERANCE})")
+            raise AssertionError(f"outputs differ from eager by {err:.3g} of their range (> {tolerance:.3g})")
         return disagrees, ""
     return fn, f"err {err:.1e}"
 
 
-def _no_grad(model, x):
+def _no_grad(model, x, autocast_bf16=False):
     def call():
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
             return model(x)
     return call
 
@@ -220,7 +222,9 @@ def peers(device, quick):
 @entry("backbone")
 def backbone(device, quick):
     """torchvision's ResNet-50 trunk alone (the release's backbone): eager, eager on channels_last tensors,
-    ``torch.jit.freeze`` of that (TorchScript's conv + BatchNorm folding), and ``patch``'s backbone forwards."""
+    ``torch.jit.freeze`` of that (TorchScript's conv + BatchNorm folding), and ``patch``'s backbone forwards; where
+    the CPU computes bf16 natively also eager and patched under bf16 autocast (what ``patch(dtype=torch.bfloat16)``
+    runs the backbone in), the patched one checked to be as close to fp32 eager as autocast's own forward."""
     trunk = _resnet50()
     if isinstance(trunk, str) or device.type != "cpu":
         reason = trunk if isinstance(trunk, str) else "CPU only"
@@ -243,4 +247,10 @@ def backbone(device, quick):
         for name, fn in (("channels_last", _no_grad(channels_last, x_cl)), ("jit.freeze", _no_grad(frozen, x_cl)),
                          ("patched", _no_grad(patched, x))):
             variants[name], notes[name] = _checked(fn, [ref])
+        if bf16_native():
+            variants["eager bf16"] = _no_grad(trunk, x, autocast_bf16=True)
+            bound = 2 * _error(variants["eager bf16"](), [ref])  # bf16 rounding: of the order of autocast's own
+            variants["patched bf16"], notes["patched bf16"] = _checked(_no_grad(patched, x, autocast_bf16=True),
+                                                                       [ref], bound)
+            notes["eager bf16"] = f"err {bound / 2:.1e}"
         yield Case("backbone", {"model": "ResNet-50", "batch": batch}, variants, reps=REPS, notes=notes)

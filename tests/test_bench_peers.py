@@ -32,6 +32,12 @@ def test_outputs_that_disagree_fail_their_row():
     with pytest.raises(AssertionError, match="outputs differ from eager"):
         bad()
     assert bench_peers._error([torch.ones(2)], ref) == float("inf")  # a different structure
+    # a looser bound (the bf16 rows: twice autocast's own difference) passes 0.05 of the range, a tighter one fails
+    loose, note = bench_peers._checked(lambda: [torch.ones(2, 3), torch.full((4,), 2.1)], ref, tolerance=0.1)
+    assert torch.equal(loose()[1], torch.full((4,), 2.1)) and note == "err 5.0e-02"
+    tight, _ = bench_peers._checked(lambda: [torch.ones(2, 3), torch.full((4,), 2.1)], ref, tolerance=0.01)
+    with pytest.raises(AssertionError, match=r"> 0.01\)"):
+        tight()
 
 
 def test_exported_part_plus_batched_upsampling_gives_the_network_outputs():

@@ -230,8 +230,11 @@ def backbone(device, quick):
         reason = trunk if isinstance(trunk, str) else "CPU only"
         yield Case("backbone", {"model": "ResNet-50"}, {"eager": lambda: None, "patched": Skipped(reason)})
         return
+    from tore_kernels import backend
     from tore_kernels.patch import _patched_class
     from tore_kernels.patch.backbone import backbone_forwards
+
+    backend.tune_malloc()  # as patch(model) does: every variant then reuses freed memory instead of faulting it in
 
     channels_last = copy.deepcopy(trunk).to(memory_format=torch.channels_last)
     frozen = torch.jit.freeze(torch.jit.script(copy.deepcopy(channels_last)))

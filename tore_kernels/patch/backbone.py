@@ -9,8 +9,8 @@ CPU bf16 autocast on a CPU that computes bf16 natively, not under tracing / torc
   per version of the conv's and the BatchNorm's tensors and cached outside the model
   (:func:`~tore_kernels.ops.linear.derived_weight`), in channels_last; under bf16 autocast a bf16 copy of the folded
   weight and bias, the activations bf16 throughout (autocast alone runs each conv in bf16 and each BatchNorm apart:
-  ``tore-kernels bench backbone`` on an AMD EPYC with AVX512-BF16, torchvision's ResNet-50 at batch 32: 993 ms
-  under autocast, 378 ms folded, 802 ms patched in fp32);
+  ``tore-kernels bench backbone`` on an AMD EPYC with AVX512-BF16, torchvision's ResNet-50 at batch 32: 697 ms
+  under autocast, 429 ms folded, 760 ms patched in fp32);
 * that convolution is oneDNN's ``_convolution_pointwise`` with the following ReLU fused, and for the last conv of
   a residual block the residual addition and its ReLU fused too, accumulated into the residual's memory where
   nothing else holds it (a folded downsample's output, or a block's input inside a ``Sequential`` of blocks);

@@ -215,6 +215,27 @@ def test_compile_leaves_patched_eval_forwards_eager(device):
     assert counter.frame_count > 0
 
 
+@pytest.mark.parametrize("gemm", ["onednn", "mkl"])
+def test_compile_of_metro_families_eager_where_gemms_are_onednn(gemm, device, monkeypatch):
+    """Where fp32 GEMMs run on oneDNN (not Intel's CPUs) compile leaves the METRO families' eval forward eager
+    (compiled, its GEMMs ran on MKL's AVX2 code there, 0.5x patch); on MKL it compiles it, with the same outputs."""
+    from torch._dynamo.testing import CompileCounter
+    from tore_kernels.patch.families import common
+    monkeypatch.setattr(common, "fp32_gemm", lambda: (gemm, 2))
+    torch._dynamo.reset()
+    model = patch(build("tore_metro", device))
+    images = images_on(device)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        ref = run(model, images)
+        assert_all_close(run(compiled, images), ref)
+    assert (counter.frame_count == 0) == (gemm == "onednn")
+    model.train()
+    run(compiled, images)  # training: the released code, traced either way
+    assert counter.frame_count > 0
+
+
 def test_tore_metro_parts_patched_equal_eager(device):
     """TORE-METRO's parts on their own (the released forward needs CUDA and SMPL): trans_encoder,
     transformer_3 with the mask the model passes (attention_mask_3) and the learned upsampling."""

@@ -34,6 +34,12 @@ def base_forward(module):
     return type(module).__bases__[0].forward
 
 
+@eager_under_compile
+def released_forward(self, *args, **kwargs):
+    """The model's own forward, run by Python under torch.compile in eval mode (see ``families.common``)."""
+    return base_forward(self)(self, *args, **kwargs)
+
+
 def adjacency_attention(mha):
     """An AdjacencyMultiheadAttention that holds ``mha``'s own Parameter objects and out_proj module."""
     new = AdjacencyMultiheadAttention.from_module(mha, skip_unused_weights=True)

@@ -27,4 +27,5 @@ def plan(model, bf16, problems):
     p = common.Plan("METRO")
     common.add_bert(p, attentions, common.bert_intermediates(model.trans_encoder, "trans_encoder"))
     common.add_linears(p, model, bf16)
+    common.keep_eager_under_compile(p)
     return p

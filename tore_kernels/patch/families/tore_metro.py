@@ -37,4 +37,5 @@ def plan(model, bf16, problems):
     if common.has_sampler(model):
         common.add_sampler(p, model, bf16)
     common.add_linears(p, model, bf16)
+    common.keep_eager_under_compile(p)
     return p

@@ -132,9 +132,9 @@ def bert_intermediates(encoder, prefix):
 
 def keep_eager_under_compile(plan):
     """Where fp32 GEMMs run on oneDNN (every CPU but Intel's), the METRO families' forwards stay eager under
-    torch.compile in eval mode, as the FastMETRO families' always do: there compile's graph runs its GEMMs on MKL,
-    whose AVX-512 code runs only on Intel's CPUs, and ``compile(patch(model))`` measured 0.5-0.6x ``patch(model)``
-    (AMD EPYC with AVX-512, ``bench head``: METRO at batch 1 324 against 179 ms, TORE-METRO 37.7 against 19.3)."""
+    torch.compile in eval mode, as the FastMETRO families' always do: there ``compile(patch(model))`` measured
+    0.5-0.6x ``patch(model)`` (AMD EPYC with AVX-512, ``bench head``: METRO at batch 1 324 against 179 ms, TORE-METRO
+    37.7 against 19.3; likely inductor's GEMMs on MKL, whose AVX-512 code runs only on Intel's CPUs)."""
     if fp32_gemm()[0] != "mkl":
         plan.model_forward = (layers.released_forward, _EAGER_BF16_FORWARD)
         plan.report.append(("forward", "traced by torch.compile", "eager under torch.compile in eval mode (fp32 "

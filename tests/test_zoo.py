@@ -197,43 +197,41 @@ def test_compile_of_patched_model(name, device):
         assert_all_close(run(compiled, other), ref_other)
 
 
-def test_compile_leaves_patched_eval_forwards_eager(device):
-    """In eval mode compile runs patch's forwards as they are (their graph-broken compile was slower); in training
-    it traces the released code they fall back to."""
+def _compiled_frames(name, device):
+    """(frames Dynamo compiled for ``patch(network)`` in eval mode, with outputs equal to patch's; the count after a
+    training-mode call too)."""
     from torch._dynamo.testing import CompileCounter
     torch._dynamo.reset()
-    model = patch(build("tore_fastmetro", device))
+    model = patch(build(name, device))
     images = images_on(device)
     counter = CompileCounter()
     compiled = torch.compile(model, backend=counter)
     with torch.no_grad():
         ref = run(model, images)
         assert_all_close(run(compiled, images), ref)
-    assert counter.frame_count == 0  # the whole patched forward ran outside Dynamo
+    in_eval = counter.frame_count
     model.train()
-    run(compiled, images)
-    assert counter.frame_count > 0
+    run(compiled, images)  # training: the released code, traced
+    return in_eval, counter.frame_count
+
+
+def test_compile_leaves_patched_eval_forwards_eager(device):
+    """In eval mode compile runs patch's forwards as they are (their graph-broken compile was slower); in training
+    it traces the released code they fall back to."""
+    in_eval, after_train = _compiled_frames("tore_fastmetro", device)
+    assert in_eval == 0  # the whole patched forward ran outside Dynamo
+    assert after_train > 0
 
 
 @pytest.mark.parametrize("gemm", ["onednn", "mkl"])
 def test_compile_of_metro_families_eager_where_gemms_are_onednn(gemm, device, monkeypatch):
     """Where fp32 GEMMs run on oneDNN (not Intel's CPUs) compile leaves the METRO families' eval forward eager
-    (compiled, its GEMMs ran on MKL's AVX2 code there, 0.5x patch); on MKL it compiles it, with the same outputs."""
-    from torch._dynamo.testing import CompileCounter
+    (compiled, it measured 0.5x patch on an AMD EPYC); on MKL it compiles it, with the same outputs."""
     from tore_kernels.patch.families import common
     monkeypatch.setattr(common, "fp32_gemm", lambda: (gemm, 2))
-    torch._dynamo.reset()
-    model = patch(build("tore_metro", device))
-    images = images_on(device)
-    counter = CompileCounter()
-    compiled = torch.compile(model, backend=counter)
-    with torch.no_grad():
-        ref = run(model, images)
-        assert_all_close(run(compiled, images), ref)
-    assert (counter.frame_count == 0) == (gemm == "onednn")
-    model.train()
-    run(compiled, images)  # training: the released code, traced either way
-    assert counter.frame_count > 0
+    in_eval, after_train = _compiled_frames("tore_metro", device)
+    assert (in_eval == 0) == (gemm == "onednn")
+    assert after_train > 0  # training: traced either way
 
 
 def test_tore_metro_parts_patched_equal_eager(device):

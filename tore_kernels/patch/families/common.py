@@ -130,6 +130,9 @@ def bert_intermediates(encoder, prefix):
             and layers.is_erf_gelu(m.intermediate_act_fn)]
 
 
+_EAGER_BF16_FORWARD = layers.eager_under_compile(_bf16.bf16_forward)
+
+
 def keep_eager_under_compile(plan):
     """Where fp32 GEMMs run on oneDNN (every CPU but Intel's), the METRO families' forwards stay eager under
     torch.compile in eval mode, as the FastMETRO families' always do: there ``compile(patch(model))`` measured
@@ -139,9 +142,6 @@ def keep_eager_under_compile(plan):
         plan.model_forward = (layers.released_forward, _EAGER_BF16_FORWARD)
         plan.report.append(("forward", "traced by torch.compile", "eager under torch.compile in eval mode (fp32 "
                             "GEMMs on oneDNN here)"))
-
-
-_EAGER_BF16_FORWARD = layers.eager_under_compile(_bf16.bf16_forward)
 
 
 def add_bert(plan, attentions, intermediates=()):

@@ -271,6 +271,22 @@ def test_folded_weights_follow_parameter_and_statistics_updates():
     assert torch.allclose(fast, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_folded_weights_follow_a_training_mode_forward():
+    """A forward in training mode moves the BatchNorm statistics in place without bumping their version counters;
+    the next eval forward must fold the new ones (keyed on them alone, it used the first fold: 0.37 off here)."""
+    model = _models()["sequential trunk"]
+    patched = copy.deepcopy(model)
+    _apply(patched)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        patched(x)  # caches the folded weights
+        for m in (model, patched):
+            m.train()(x * 2 + 1)
+            m.eval()
+        ref, fast = model(x), patched(x)
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_weights_reordered_per_input_shape_up_to_a_limit():
     # each conv's folded weight is reordered once per input shape (oneDNN's layout for it), for at most
     # MAX_PACKED_SHAPES shapes; further shapes run on the channels_last weight, with the same results

@@ -49,8 +49,11 @@ def _foldable(conv, bn) -> bool:
 
 def _folded(conv, bn, dtype=torch.float32):
     """(channels_last weight, bias, {input shape: weight reordered for it}) of ``bn(conv(x))`` in eval mode, in
-    ``dtype`` (folded in the parameters' fp32, then rounded), derived once per version of the tensors."""
-    tensors = [t for t in (conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
+    ``dtype`` (folded in the parameters' fp32, then rounded), derived once per version of the tensors. A
+    training-mode forward updates the running statistics without bumping their version counters (torch's batch_norm
+    writes them in place), but it bumps ``num_batches_tracked``'s, which is why that buffer is in the key."""
+    tensors = [t for t in (conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked)
+               if t is not None]
 
     def make(weight):
         scale = torch.rsqrt(bn.running_var + bn.eps)

@@ -1,5 +1,6 @@
 """The peers benchmark's own logic (no timing): a missing runtime is skipped with its reason, outputs that disagree
 fail their row, the exported part stops at the coarse vertices and the batched upsampling completes it."""
+import copy
 import importlib.util
 
 import pytest
@@ -60,3 +61,25 @@ def test_a_variant_that_raises_fails_its_row_and_tensors_compare_whole():
     with pytest.raises(RuntimeError, match="no kernel"):
         fn()
     assert note == "" and bench_peers._error(torch.ones(2, 3), [torch.ones(2, 3)]) == 0.0
+
+
+def test_compiled_variant_is_timed_on_its_graph_or_fails_its_row(monkeypatch):
+    """``patch(compile=True)``'s row: its first call captures; a signature that stays eager fails the row (its
+    eager forward is not what the row names), else the replayed graph's outputs are checked."""
+    from tore_kernels.patch import capture, patch
+
+    torch.manual_seed(0)
+    model = released.build_tore_fastmetro(tiny=True, backbone=nn.Identity()).eval()
+    x = torch.randn(2, 64, 7, 7)
+    with torch.no_grad():
+        ref = model(x)
+    monkeypatch.setattr(capture, "_compile", lambda graph, inputs: graph)  # the FX graph itself: no inductor
+    fn, note = bench_peers._captured(patch(copy.deepcopy(model), compile=True), x, ref)
+    assert note.startswith("err ") and bench_peers._error(fn(), ref) < 1e-5
+
+    def broken(graph, inputs):
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr(capture, "_compile", broken)
+    fn, _ = bench_peers._captured(patch(copy.deepcopy(model), compile=True), x, ref)
+    with pytest.raises(AssertionError, match="runs eagerly.*no C\\+\\+ compiler"):
+        fn()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import typing
 import warnings
 import weakref
 from typing import Sequence
@@ -78,7 +79,10 @@ class _Prepared:
     @staticmethod
     def _place(m, device, dtype, impl):
         m = m.to(device=device, dtype=dtype)
-        return m.to_sparse_csr() if impl == "cpu" else m
+        if impl != "cpu":
+            return m
+        m = m.to_sparse_csr()  # its arrays copied out: views of a sparse tensor would keep it in a captured graph
+        return _CSR(m.crow_indices().clone(), m.col_indices().clone(), m.values().clone(), m.shape[0])
 
 
 _LOCK = threading.Lock()
@@ -106,6 +110,32 @@ def _prepared(matrices, device, dtype, impl) -> _Prepared:
     return prepared
 
 
+@torch.library.custom_op("tore_kernels::csr_mm", mutates_args=())
+def csr_mm(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, rows: int,
+           x: torch.Tensor) -> torch.Tensor:
+    """``P @ x`` for the ``[rows, x.shape[0]]`` CSR matrix ``P`` given by its three arrays: one op on dense
+    tensors, which a captured graph (``patch(model, compile=True)``) can hold where it cannot hold a sparse one."""
+    matrix = torch.sparse_csr_tensor(crow_indices, col_indices, values, (rows, x.shape[0]), check_invariants=False)
+    return torch.sparse.mm(matrix, x)
+
+
+@csr_mm.register_fake
+def _csr_mm_fake(crow_indices, col_indices, values, rows, x):
+    return x.new_empty(rows, x.shape[1])
+
+
+class _CSR(typing.NamedTuple):
+    """A CSR matrix as its dense arrays (what ``csr_mm`` takes)."""
+    crow_indices: torch.Tensor
+    col_indices: torch.Tensor
+    values: torch.Tensor
+    rows: int
+
+
+def _sparse_mm(m, x):
+    return csr_mm(*m, x) if isinstance(m, _CSR) else torch.sparse.mm(m, x)
+
+
 class _ChainMM(torch.autograd.Function):
     """Y = M_k ... M_1 X for fixed sparse M_i; dX = M_1^T ... M_k^T dY (itself differentiable)."""
 
@@ -113,7 +143,7 @@ class _ChainMM(torch.autograd.Function):
     def forward(ctx, x, forward_chain, backward_chain):
         ctx.chains = (forward_chain, backward_chain)
         for m in forward_chain:
-            x = torch.sparse.mm(m, x)
+            x = _sparse_mm(m, x)
         return x
 
     @staticmethod

@@ -44,6 +44,8 @@ What is swapped:
 
 ``patch(model, dtype=torch.bfloat16)`` (opt-in) also runs the forward under bf16 autocast where the CPU computes
 bf16 natively (:mod:`tore_kernels.patch.bf16`; elsewhere it runs fp32, warns once and says so in the report).
+``patch(model, compile=True)`` (opt-in, fp32, the FastMETRO families) runs inference calls through one graph per call
+signature, captured after a first eager call and compiled by inductor (:mod:`tore_kernels.patch.capture`).
 
 ``patch`` validates everything and builds every replacement before touching the model (all-or-nothing), is
 idempotent, and stores a :class:`PatchReport` on the model (``patch_report(model)``; ``verbose=True`` also logs
@@ -63,6 +65,7 @@ from torch import nn
 from .. import backend
 from ..ops.linear import drop_derived
 from . import bf16 as _bf16
+from . import capture
 from . import families
 from . import layers
 
@@ -100,6 +103,7 @@ class _State:
     report: PatchReport
     originals: list  # (parent module or model, attribute name or "__class__", original object or class)
     bf16: bool = False  # what was asked for (dtype=torch.bfloat16), whether or not this CPU runs it
+    compile: bool = False
 
 
 def _unwrap(model):
@@ -133,7 +137,7 @@ def _patched_class(cls, forward):
     return _PATCHED_CLASSES[key]
 
 
-def _plan(inner, bf16, backbone):
+def _plan(inner, bf16, backbone, compile=False):
     """The family's plan plus the backbone's forwards (first: a module gets one forward, the first planned)."""
     plan = families.plan(inner, bf16)
     net = inner._modules.get("backbone")
@@ -151,10 +155,17 @@ def _plan(inner, bf16, backbone):
             seen.add(id(m))
             forwards.append((m, f))
     plan.forwards = forwards
-    if plan.model_forward is not None:
-        plan.forwards.append((inner, plan.model_forward[1] if bf16 else plan.model_forward[0]))
-    elif bf16:
-        plan.forwards.append((inner, _bf16.bf16_forward))
+    forward = (plan.model_forward[1] if bf16 else plan.model_forward[0]) if plan.model_forward is not None else (
+        _bf16.bf16_forward if bf16 else None)
+    if compile:
+        if not plan.capturable:
+            raise ValueError(f"compile=True captures the forward of models that take images only (TORE-FastMETRO, "
+                             f"FastMETRO); {plan.kind}'s forward takes other arguments: patch it without compile")
+        forward = capture.captured(forward or type(inner).forward)
+        plan.report.append(("forward", "per-op eager", "inference calls captured once per signature into one graph "
+                            "compiled by inductor (compile=True)"))
+    if forward is not None:
+        plan.forwards.append((inner, forward))
     if bf16:
         plan.report.append(("forward", "fp32", "bf16 autocast (LayerNorm, softmax statistics, residuals, "
                             "ITP, upsampling and outputs in fp32)"))
@@ -187,7 +198,7 @@ def _apply(inner, plan, state):
     inner.__dict__[_STATE] = state
 
 
-def patch(model: nn.Module, *, dtype: torch.dtype | None = None, backbone: bool = True,
+def patch(model: nn.Module, *, dtype: torch.dtype | None = None, backbone: bool = True, compile: bool = False,
           verbose: bool = False) -> nn.Module:
     """Swap the fused modules into ``model`` in place and return it (see the module docstring).
 
@@ -196,6 +207,9 @@ def patch(model: nn.Module, *, dtype: torch.dtype | None = None, backbone: bool 
     are fp32. Where the CPU has no native bf16 it runs fp32 instead, with one warning (and the report says so).
     ``backbone=True`` (default) also gives ``model.backbone`` its eval-mode fast forwards
     (:mod:`tore_kernels.patch.backbone`, where present); ``backbone=False`` leaves everything under it untouched.
+    ``compile=True`` (opt-in; TORE-FastMETRO and FastMETRO) runs inference calls on CPU (no grad) through one graph
+    per call signature, captured and compiled by inductor on the first call of that signature (tens of seconds),
+    then replayed without per-op overhead (:mod:`tore_kernels.patch.capture`).
 
     Raises TypeError if ``model`` is not an ``nn.Module``, ValueError naming what was looked for if its
     structure is not recognised (the model is then left untouched). Patching a patched model with the same
@@ -208,24 +222,32 @@ def patch(model: nn.Module, *, dtype: torch.dtype | None = None, backbone: bool 
         raise ValueError(f"dtype must be None, torch.float32 or torch.bfloat16, got {dtype!r}")
     if not isinstance(backbone, bool):
         raise TypeError(f"backbone must be True or False, got {backbone!r}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
+    if compile and dtype == torch.bfloat16:
+        raise ValueError("compile=True runs fp32 graphs only (inductor rounds bf16 at other points than the eager "
+                         "forward, so its graphs cannot be checked against it): use dtype=None with compile=True")
     bf16 = dtype == torch.bfloat16
     inner = _unwrap(model)
     state = inner.__dict__.get(_STATE)
     if state is not None and state.bf16 != bf16:
         raise ValueError(f"dtype: the model is already patched with dtype="
                          f"{'torch.bfloat16' if state.bf16 else 'None'}; unpatch it before patching with {dtype!r}")
+    if state is not None and state.compile != compile:
+        raise ValueError(f"compile: the model is already patched with compile={state.compile}; unpatch it before "
+                         f"patching with compile={compile}")
     if state is None:
         if bf16:
             wrong = sorted({str(p.dtype) for p in inner.parameters()} - {"torch.float32"})
             if wrong:
                 raise ValueError(f"dtype=torch.bfloat16 needs an fp32 model (it autocasts), got parameters in {wrong}")
         runs_bf16 = bf16 and _bf16.use_bf16()
-        plan = _plan(inner, runs_bf16, backbone)  # raises (model untouched) if not recognised
+        plan = _plan(inner, runs_bf16, backbone, compile)  # raises (model untouched) if not recognised
         if bf16 and not runs_bf16:
             warnings.warn(f"tore_kernels.patch: {_bf16.FALLBACK}", RuntimeWarning, stacklevel=2)
             plan.report.append(("forward", "dtype=torch.bfloat16", _bf16.FALLBACK))
         plan.report.append(("(process)", "glibc malloc", backend.tune_malloc()))
-        state = _State(PatchReport(plan.kind, tuple(plan.report)), [], bf16)
+        state = _State(PatchReport(plan.kind, tuple(plan.report)), [], bf16, compile)
         _apply(inner, plan, state)
     if verbose:
         _LOG.info("%s", state.report)
@@ -243,6 +265,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         _restore(state.originals)
         drop_derived(inner.parameters())  # the packed / bf16 weight copies
         layers.forget_invariants(inner.modules())
+        capture.forget(inner)
     return model
 
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..backend import bf16_native
 from ..ops.linear import bf16_autocast, derived_weight
+from .capture import capturing
 
 __all__ = ["backbone_forwards"]
 
@@ -77,6 +78,10 @@ def _conv_bn(conv, bn, x, relu=False, residual=None, into_residual=False):
     dtype = torch.bfloat16 if bf16_autocast() else torch.float32
     weight, bias, packs = _folded(conv, bn, dtype)
     x = x.to(dtype)
+    if capturing():  # plain ops on the folded weights: inductor fuses them into oneDNN's (whose ops it cannot trace)
+        y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        y = y if residual is None else y + residual.to(dtype)
+        return F.relu(y) if relu else y
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
     packed = packs.get(x.shape)
     if packed is None and len(packs) < MAX_PACKED_SHAPES:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ..nn.attention import AdjacencyMultiheadAttention, few_keys_table
 from ..ops.adjacency_attention import dense_attention
 from ..ops.linear import linear, tensor_versions
+from .capture import shortcut_applies
 
 
 def eager_under_compile(forward):
@@ -60,7 +61,7 @@ def same_over_batch(x):
     (17 us on 445 x 32 x 512 per-sample tokens; 2 ms when they are all equal, which saves the first decoder layer's
     self-attention block for all samples but one). Not under torch.compile (a data-dependent branch)."""
     if (x.dim() == 3 and x.shape[1] > 1 and not broadcast(x) and not torch.compiler.is_compiling()
-            and torch.equal(x, x[:, :1].expand_as(x))):
+            and shortcut_applies(torch.equal, x, x[:, :1].expand_as(x))):
         return x[:, :1].expand_as(x)
     return x
 
@@ -154,8 +155,8 @@ def decoder_layer_forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tg
                                                tgt_key_padding_mask=tgt_key_padding_mask,
                                                memory_key_padding_mask=memory_key_padding_mask, pos=pos,
                                                query_pos=query_pos)
-    shared = broadcast(tgt) and (query_pos is None or (not torch.compiler.is_compiling() and torch.equal(
-        query_pos, query_pos[:, :1].expand_as(query_pos))))  # a data-dependent check: not under compile
+    shared = broadcast(tgt) and (query_pos is None or (not torch.compiler.is_compiling() and shortcut_applies(
+        torch.equal, query_pos, query_pos[:, :1].expand_as(query_pos))))  # a data-dependent check: not under compile
     t, qp = (tgt[:, :1], None if query_pos is None else query_pos[:, :1]) if shared else (tgt, query_pos)
 
     def self_attention_block():  # the part that sees only the queries: t, the cross-attention's query, its projection
@@ -185,7 +186,7 @@ _INVARIANT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _same(a, b) -> bool:
     if a is None or b is None:
         return a is b
-    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and shortcut_applies(torch.equal, a, b)
 
 
 def _rows_of(tokens, sources) -> bool:

@@ -22,6 +22,7 @@ class Plan:
     forwards: list = field(default_factory=list)  # (module, forward function): a per-instance subclass each
     report: list = field(default_factory=list)    # (attribute path, old, new)
     model_forward: tuple | None = None            # (fp32 forward, bf16 forward) of the model itself, if replaced
+    capturable: bool = False                      # its forward takes images only: patch(compile=True) applies
 
 
 ENCODER_LAYER_PARTS = ("norm1", "norm2", "self_attn", "linear1", "linear2", "dropout", "dropout1", "dropout2")

@@ -30,7 +30,7 @@ def plan(model, bf16, problems):
     common.check_mask(model, size, problems)
     if problems:
         return None
-    p = common.Plan("FastMETRO")
+    p = common.Plan("FastMETRO", capturable=True)
     common.add_transformers(p, model, slots, masked=("transformer_1", "transformer_2"))
     common.add_query_sources(p, model, "transformer_1", ("joint_token_embed", "vertex_token_embed"))
     common.add_sampler(p, model, bf16)

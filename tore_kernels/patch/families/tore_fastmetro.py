@@ -53,7 +53,7 @@ def plan(model, bf16, problems):
             problems.append("layer_norm is not an affine LayerNorm over [N, C]")
     if problems:
         return None
-    p = common.Plan("TORE-FastMETRO (ITP + GTR)" if has_itp else "TORE-FastMETRO (GTR)")
+    p = common.Plan("TORE-FastMETRO (ITP + GTR)" if has_itp else "TORE-FastMETRO (GTR)", capturable=True)
     common.add_transformers(p, model, slots, masked=("transformer_3",))
     if isinstance(getattr(model, "joint_token_embed", None), nn.Embedding):
         common.add_query_sources(p, model, "transformer_1", ("joint_token_embed",))

@@ -256,24 +256,21 @@ def test_bf16_autocast_without_native_bf16_runs_the_modules_own_forward(monkeypa
         assert torch.equal(patched(x), model(x))
 
 
-def test_folded_weights_follow_parameter_and_statistics_updates():
-    model = _models()["sequential trunk"]
-    patched = copy.deepcopy(model)
-    _apply(patched)
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        patched(x)  # caches the folded weights
-        for m in (model, patched):
-            m[4][0].bn1.running_var.mul_(3.0)  # in place: a new version of the buffer
-            m[4][0].conv2.weight.mul_(-0.5)
-            m[1].bias.add_(0.25)
-        ref, fast = model(x), patched(x)
-    assert torch.allclose(fast, ref, atol=1e-4, rtol=1e-4)
+def _in_place_updates(m, x):
+    m[4][0].bn1.running_var.mul_(3.0)  # in place: a new version of the buffer
+    m[4][0].conv2.weight.mul_(-0.5)
+    m[1].bias.add_(0.25)
 
 
-def test_folded_weights_follow_a_training_mode_forward():
-    """A forward in training mode moves the BatchNorm statistics in place without bumping their version counters;
-    the next eval forward must fold the new ones (keyed on them alone, it used the first fold: 0.37 off here)."""
+def _training_mode_forward(m, x):
+    # moves the BatchNorm statistics in place without bumping their version counters (num_batches_tracked's it
+    # does): keyed on the statistics alone, the next eval forward used the first fold (0.37 off here)
+    m.train()(x * 2 + 1)
+    m.eval()
+
+
+@pytest.mark.parametrize("update", [_in_place_updates, _training_mode_forward], ids=["in place", "training forward"])
+def test_folded_weights_follow_parameter_and_statistics_updates(update):
     model = _models()["sequential trunk"]
     patched = copy.deepcopy(model)
     _apply(patched)
@@ -281,8 +278,7 @@ def test_folded_weights_follow_a_training_mode_forward():
     with torch.no_grad():
         patched(x)  # caches the folded weights
         for m in (model, patched):
-            m.train()(x * 2 + 1)
-            m.eval()
+            update(m, x)
         ref, fast = model(x), patched(x)
     torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
 

@@ -212,3 +212,34 @@ def test_csr_mm_op():
     torch.testing.assert_close(csr_mm(*args), dense @ x, rtol=0, atol=1e-12)
     torch.library.opcheck(torch.ops.tore_kernels.csr_mm.default, args, test_utils=(
         "test_schema", "test_faketensor"))
+
+
+def test_threads_share_one_capture(interpreted):
+    """Four threads calling a cold compile-patched model at once: one capture, every thread the eager outputs."""
+    import threading
+
+    eager = build("tore_fastmetro", CPU)
+    model = patch(copy.deepcopy(eager), compile=True)
+    images = images_on(CPU)
+    with torch.no_grad():
+        ref = run(eager, images)
+    results, errors = [], []
+    start = threading.Barrier(4)
+
+    def call():
+        try:
+            start.wait()
+            for _ in range(3):
+                with torch.no_grad():
+                    results.append(run(model, images))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 12
+    for got in results:
+        assert_all_close(got, ref)
+    assert len(interpreted) == 1

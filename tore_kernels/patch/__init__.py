@@ -137,7 +137,7 @@ def _patched_class(cls, forward):
     return _PATCHED_CLASSES[key]
 
 
-def _plan(inner, bf16, backbone, compile=False):
+def _plan(inner, bf16, backbone, compile):
     """The family's plan plus the backbone's forwards (first: a module gets one forward, the first planned)."""
     plan = families.plan(inner, bf16)
     net = inner._modules.get("backbone")

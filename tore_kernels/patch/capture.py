@@ -3,7 +3,8 @@ compiled by inductor (weights frozen in, C++ wrapper), and replayed.
 
 At batch 1 a patched forward is about 600 small ops, and each pays Python, dispatch and the checks that pick its
 path; the graph pays none of that: its pointwise ops and LayerNorms run fused in C++ loops, the GEMMs and our
-kernels are called from C++ (TORE-FastMETRO-L head at batch 1 on an AMD EPYC: about 1.5x the eager patched forward).
+kernels are called from C++ (the TORE-FastMETRO-L head at batch 1 on an AMD EPYC (Zen 4): 18.4 against 28.2 ms eager
+patched, `tore-kernels bench peers`).
 What the graph runs is what the patched forward ran: it is traced (``make_fx``) after one eager call has filled
 every cache (packed weights, neighbour tables, blocks computed once), so the caches' contents are constants of the
 graph. So the graph is keyed on everything they derive from, checked before each call: the inputs' shapes,
@@ -33,7 +34,7 @@ from torch.utils import _pytree as pytree
 from .. import backend
 from ..ops.linear import tensor_versions
 
-MAX_GRAPHS = 4  # per model: one per batch shape; more signatures than this run eagerly
+MAX_GRAPHS = 4  # kept per model (one per batch shape, say), the least recently used dropped
 MAX_TRIES = 16  # signatures a model may try to capture (a forward whose key never repeats must not compile forever)
 # a captured graph is used only if its outputs agree with the eager forward's within this fraction of their range
 # (fp32 reassociation in fused loops moves them by ~1e-6)

@@ -44,6 +44,12 @@ def _graphs(model):
     return [] if state is None else list(state.graphs.values())
 
 
+def _eager_and_compiled(name):
+    """The eager network and a compile-patched copy of it."""
+    eager = build(name, CPU)
+    return eager, patch(copy.deepcopy(eager), compile=True)
+
+
 @pytest.fixture
 def interpreted(monkeypatch):
     """Captured graphs run by the FX interpreter (what make_fx traced), not compiled: the keying logic in seconds."""
@@ -58,8 +64,7 @@ def interpreted(monkeypatch):
 
 @pytest.mark.parametrize("name", ["tore_fastmetro", "tore_fastmetro_gtr", "fastmetro_body"])
 def test_compiled_graph_replays_eager_outputs_for_other_inputs(name, monkeypatch):
-    eager = build(name, CPU)
-    model = patch(copy.deepcopy(eager), compile=True)
+    eager, model = _eager_and_compiled(name)
     same, other = _same_samples(), images_on(CPU) * 0.7
     calls = _Calls(model, monkeypatch)
     with torch.no_grad():
@@ -72,8 +77,7 @@ def test_compiled_graph_replays_eager_outputs_for_other_inputs(name, monkeypatch
 
 
 def test_graph_follows_parameters_structure_modes_and_shapes(interpreted, monkeypatch):
-    eager = build("tore_fastmetro", CPU)
-    model = patch(copy.deepcopy(eager), compile=True)
+    eager, model = _eager_and_compiled("tore_fastmetro")
     calls = _Calls(model, monkeypatch)
     images = images_on(CPU)
 
@@ -126,8 +130,7 @@ def test_graph_follows_parameters_structure_modes_and_shapes(interpreted, monkey
 
 
 def test_capture_that_fails_warns_runs_eagerly_and_is_not_retried(monkeypatch):
-    eager = build("tore_fastmetro", CPU)
-    model = patch(copy.deepcopy(eager), compile=True)
+    eager, model = _eager_and_compiled("tore_fastmetro")
     tries = []
 
     def broken(graph, inputs):
@@ -151,8 +154,7 @@ def test_graph_that_disagrees_with_eager_is_not_used(monkeypatch):
 
 
 def test_copies_of_a_compiled_model(interpreted):
-    eager = build("fastmetro_body", CPU)
-    model = patch(copy.deepcopy(eager), compile=True)
+    eager, model = _eager_and_compiled("fastmetro_body")
     images = images_on(CPU)
     with torch.no_grad():
         ref = run(eager, images)
@@ -218,8 +220,7 @@ def test_threads_share_one_capture(interpreted):
     """Four threads calling a cold compile-patched model at once: one capture, every thread the eager outputs."""
     import threading
 
-    eager = build("tore_fastmetro", CPU)
-    model = patch(copy.deepcopy(eager), compile=True)
+    eager, model = _eager_and_compiled("tore_fastmetro")
     images = images_on(CPU)
     with torch.no_grad():
         ref = run(eager, images)

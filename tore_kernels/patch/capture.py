@@ -133,11 +133,11 @@ def _signature(x):
     return x
 
 
-def _key(model, modules, tensors, args, kwargs):
-    """What the captured graph of this call depends on, or None where the eager forward runs."""
+def _key(model, modules, tensors, leaves, spec):
+    """What the captured graph of a call with arguments ``leaves`` (flattened by ``spec``) depends on, or None where
+    the eager forward runs."""
     if torch.is_grad_enabled() or any(m.training for m in modules) or _hooked(modules):
         return None
-    leaves, spec = pytree.tree_flatten((args, kwargs))
     if not any(isinstance(x, torch.Tensor) for x in leaves) or any(
             isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in leaves):
         return None
@@ -205,8 +205,7 @@ def _capture(inner, model, args, kwargs):
     if not err <= AGREEMENT:
         return eager, f"the compiled graph's outputs differ from the eager forward's by {err:.2g} of their range"
 
-    def replay(args, kwargs):
-        flat = pytree.tree_leaves((args, kwargs))
+    def replay(flat):  # the call's arguments, flattened
         return pytree.tree_unflatten(list(compiled(*[flat[i] for i in where])), out_spec)
     return eager, replay
 
@@ -232,19 +231,20 @@ class CapturedForward:
             state = _GRAPHS.get(model)
             if state is None:
                 state = _GRAPHS[model] = _Graphs()
-            key = _key(model, *state.lists(model), args, kwargs)
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+            key = _key(model, *state.lists(model), leaves, spec)
             hit = None if key is None else state.graphs.get(key)
             if callable(hit):
                 state.graphs.move_to_end(key)
         if callable(hit):
-            return hit(args, kwargs)
+            return hit(leaves)
         if key is None or hit is not None or state.tries >= MAX_TRIES:  # eager here, or refused before
             return self.inner(model, *args, **kwargs)
         with _BUILDING:
             with _LOCK:
                 hit = state.graphs.get(key)  # another thread may have captured it meanwhile
             if hit is not None:
-                return hit(args, kwargs) if callable(hit) else self.inner(model, *args, **kwargs)
+                return hit(leaves) if callable(hit) else self.inner(model, *args, **kwargs)
             state.tries += 1
             eager, result = _capture(self.inner, model, args, kwargs)
             with _LOCK:

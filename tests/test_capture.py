@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from tore_kernels.ops.upsample import csr_mm
 from tore_kernels.patch import capture, patch, patch_report, unpatch
 from test_zoo import assert_all_close, build, images_on, run
 
@@ -203,17 +202,6 @@ def test_shortcut_checks_while_capturing():
     finally:
         capture._LOCAL.capturing = False
     assert seen == [(True, False)]
-
-
-def test_csr_mm_op():
-    torch.manual_seed(0)
-    dense = torch.randn(7, 5, dtype=torch.float64) * (torch.rand(7, 5) < 0.4)
-    csr = dense.to_sparse_csr()
-    x = torch.randn(5, 4, dtype=torch.float64)
-    args = (csr.crow_indices(), csr.col_indices(), csr.values(), 7, x)
-    torch.testing.assert_close(csr_mm(*args), dense @ x, rtol=0, atol=1e-12)
-    torch.library.opcheck(torch.ops.tore_kernels.csr_mm.default, args, test_utils=(
-        "test_schema", "test_faketensor"))
 
 
 def test_threads_share_one_capture(interpreted):

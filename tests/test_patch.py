@@ -578,3 +578,38 @@ def test_malloc_keeps_freed_blocks_unless_told_not_to(env, topo):
         assert out[0].startswith("keeps freed blocks") and kept_mib > 250, out
     model = patch(build("tore_gtr", topo))
     assert ("(process)", "glibc malloc", backend.tune_malloc()) in patch_report(model).swapped
+
+
+def test_position_sequences_are_kept_per_shape_and_settings():
+    """TORE-FastMETRO's patched forward keeps a parameter-free encoding's sequence per shape; a changed setting or a
+    learned encoding computes it again, and one first made under inference_mode is a normal tensor."""
+    from tore_kernels.patch.families.tore_fastmetro import _sequence
+    from tore_reference.position_encoding import PositionEmbeddingSine
+
+    def released(encoding, batch, tokens):
+        return encoding(batch, tokens, 1, torch.device("cpu")).flatten(2).permute(2, 0, 1)
+
+    sine = PositionEmbeddingSine(32, normalize=True)
+    with torch.inference_mode():
+        first = _sequence(sine, 2, 39, torch.device("cpu"), torch.float32)
+    assert not first.is_inference()
+    assert torch.equal(first, released(sine, 2, 39))
+    assert _sequence(sine, 2, 39, torch.device("cpu"), torch.float32) is first
+    assert torch.equal(_sequence(sine, 3, 14, torch.device("cpu"), torch.float32), released(sine, 3, 14))
+    sine.temperature = 100
+    changed = _sequence(sine, 2, 39, torch.device("cpu"), torch.float32)
+    assert torch.equal(changed, released(sine, 2, 39)) and not torch.equal(changed, first)
+
+    class Learned(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(8, 39))
+
+        def forward(self, batch, h, w, device):
+            return self.table[:, :h, None].expand(batch, -1, -1, w)
+
+    learned = Learned()
+    before = _sequence(learned, 2, 39, torch.device("cpu"), torch.float32).clone()
+    with torch.no_grad():
+        learned.table.add_(1.0)
+    assert torch.equal(_sequence(learned, 2, 39, torch.device("cpu"), torch.float32), before + 1.0)

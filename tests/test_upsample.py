@@ -4,10 +4,11 @@ import os
 
 import pytest
 import torch
+from isa_clones import run_under_clone
 
 from tore_kernels import backend
 from tore_kernels.nn.mesh import MeshSampler
-from tore_kernels.ops.upsample import mesh_upsample
+from tore_kernels.ops.upsample import HAS_CSR_MM, mesh_upsample
 from tore_kernels.topology import default_body_mesh, from_faces
 from tore_reference.mesh import Mesh
 
@@ -144,6 +145,58 @@ def test_validation(make, error, match):
     x, matrices = make(default_body_mesh().upsampling[1])
     with pytest.raises(error, match=match):
         mesh_upsample(x, matrices)
+
+
+needs_csr_mm = pytest.mark.skipif(not HAS_CSR_MM, reason="tore_kernels._C is not built")
+
+
+def csr_args(rows=300, cols=50, columns=3, dtype=torch.float64):
+    """(crow, col, values, rows, x) of a random CSR matrix with empty rows, and the float64 dense product."""
+    torch.manual_seed(0)
+    dense = (torch.randn(rows, cols, dtype=torch.float64) * (torch.rand(rows, cols) < 0.1)).to(dtype)
+    dense[7] = 0
+    csr = dense.to_sparse_csr()
+    x = torch.randn(cols, columns, dtype=dtype)
+    return (csr.crow_indices(), csr.col_indices(), csr.values(), rows, x), dense.double() @ x.double()
+
+
+@needs_csr_mm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("columns", [1, 3, 96])  # 96: batch 32 of coordinates, split over threads
+def test_csr_mm_against_float64(dtype, columns):
+    args, expected = csr_args(columns=columns, dtype=dtype)
+    out = torch.ops.tore_kernels.csr_mm(*args)
+    assert out.dtype == dtype and out.shape == (300, columns)
+    torch.testing.assert_close(out.double(), expected, **TOL[dtype])
+    torch.library.opcheck(torch.ops.tore_kernels.csr_mm.default, args, test_utils=(
+        "test_schema", "test_faketensor"))
+
+
+@needs_csr_mm
+@pytest.mark.parametrize("clone", backend.ISA_CLONES)
+def test_csr_mm_every_isa_clone(clone):
+    """The op's row loop is compiled for the baseline ISA, AVX2 and AVX-512VL, the widest that the CPU and
+    ATEN_CPU_CAPABILITY allow running: its value tests rerun under each clone this CPU can execute."""
+    run_under_clone(clone, __file__, "test_csr_mm_against_float64", expect_passed=6)
+
+
+@needs_csr_mm
+@pytest.mark.parametrize("change, match", [
+    (lambda a: (a[0][:-1], *a[1:]), r"crow_indices must be an int64 \[rows \+ 1 = 301\]"),
+    (lambda a: (a[0].int(), *a[1:]), r"crow_indices must be an int64"),
+    (lambda a: (a[0].flip(0), *a[1:]), "crow_indices must start at 0, never decrease"),
+    (lambda a: (a[0], a[1] + 50, *a[2:]), r"col_indices must lie in \[0, x.shape\[0\] = 50\)"),
+    (lambda a: (a[0], a[1] - 50, *a[2:]), r"col_indices must lie in \[0, x.shape\[0\] = 50\)"),
+    (lambda a: (*a[:2], a[2].float(), *a[3:]), "values must be a 1-D tensor of x's dtype"),
+    (lambda a: (*a[:2], a[2][:-1], *a[3:]), "values must be a 1-D tensor of x's dtype"),
+    (lambda a: (*a[:4], a[4][None]), "x must be a 2-D float32 or float64 tensor"),
+    (lambda a: (*a[:4], a[4].long()), "x must be a 2-D float32 or float64 tensor"),
+])
+def test_csr_mm_rejects_bad_arrays(change, match):
+    """Named errors, never an out-of-bounds read: the op is reachable as torch.ops.tore_kernels.csr_mm."""
+    args, _ = csr_args()
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.tore_kernels.csr_mm(*change(args))
 
 
 def test_sampler_validation(default_pair):

@@ -99,6 +99,25 @@ def test_gradients_match_released_loop(default_pair, impl, device):
     torch.testing.assert_close(gx, gr, **TOL[torch.float32])
 
 
+def test_without_the_extension_op_runs_torch_sparse(default_pair, monkeypatch):
+    """A build without tore_kernels._C keeps the precomposed chain as sparse CSR tensors (torch.sparse.mm)."""
+    from tore_kernels.ops import upsample
+
+    monkeypatch.setattr(upsample, "HAS_CSR_MM", False)
+    monkeypatch.setattr(upsample, "_PREPARED", upsample.collections.OrderedDict())  # built afresh, then dropped
+    ours, ref = default_pair
+    x = torch.randn(4, 431, 3, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out = ours.upsample(x, n1=2, n2=0)
+    (chain,) = upsample._PREPARED.values()
+    assert all(m.layout == torch.sparse_csr for m in chain[1].forward + chain[1].backward)
+    torch.testing.assert_close(out, reference_upsample(ref, x_ref), **TOL[torch.float32])
+    grad = torch.randn(4, 6890, 3)
+    (gx,) = torch.autograd.grad(out, x, grad)
+    (gr,) = torch.autograd.grad(reference_upsample(ref, x_ref), x_ref, grad)
+    torch.testing.assert_close(gx, gr, **TOL[torch.float32])
+
+
 def test_gradcheck_float64(default_pair, impl, device):
     ours, _ = default_pair
     x = torch.randn(2, 431, 3, dtype=torch.float64, device=device, requires_grad=True)

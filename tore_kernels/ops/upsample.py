@@ -7,9 +7,8 @@ a ``[B, V', C]`` view of ``Y``. The chain is precomposed in float64 (SMPL's 6890
 the product is ``tore_kernels::csr_mm`` (``csrc/upsample``), 16 columns of a row at a time in registers: on the
 AMD EPYC (Zen 4), 2 threads, 431 -> 6890 took 36 us at batch 1 and 105-125 us at batch 32, against 50-58 us
 and 2.3 ms for ``torch.sparse.mm`` on the CSR tensor (what runs without the extension; it built a sparse tensor
-per call before, 100 us at batch 1). Making the
-output contiguous costs more than the product, so the view is returned: call ``.contiguous()`` only where a
-consumer needs it.
+per call before, 100 us at batch 1). Making the output contiguous costs more than the product, so the view is
+returned: call ``.contiguous()`` only where a consumer needs it.
 
 Implementations (``backend.choose("mesh_upsample", device)``):
   cpu        precomposed CSR, custom autograd (backward = the same product with the transposed chain)

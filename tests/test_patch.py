@@ -581,9 +581,10 @@ def test_malloc_keeps_freed_blocks_unless_told_not_to(env, topo):
 
 
 def test_position_sequences_are_kept_per_shape_and_settings():
-    """TORE-FastMETRO's patched forward keeps a parameter-free encoding's sequence per shape; a changed setting or a
-    learned encoding computes it again, and one first made under inference_mode is a normal tensor."""
-    from tore_kernels.patch.families.tore_fastmetro import _sequence
+    """TORE-FastMETRO's patched forward keeps a parameter-free encoding's sequence per shape until unpatch; a changed
+    setting or a learned encoding computes it again, and one first made under inference_mode is a normal tensor."""
+    from tore_kernels.patch.layers import forget_invariants
+    from tore_kernels.patch.layers import position_sequence as _sequence
     from tore_reference.position_encoding import PositionEmbeddingSine
 
     def released(encoding, batch, tokens):
@@ -599,6 +600,8 @@ def test_position_sequences_are_kept_per_shape_and_settings():
     sine.temperature = 100
     changed = _sequence(sine, 2, 39, torch.device("cpu"), torch.float32)
     assert torch.equal(changed, released(sine, 2, 39)) and not torch.equal(changed, first)
+    forget_invariants([sine])  # what unpatch calls
+    assert _sequence(sine, 2, 39, torch.device("cpu"), torch.float32) is not changed
 
     class Learned(nn.Module):
         def __init__(self):

@@ -4,8 +4,6 @@ vertex tokens under the ``[V, V]`` mesh mask, and with the ITP the inline Image 
 fused (backbone, ``conv_1x1``, fused ITP, the rest of the released forward)."""
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
@@ -68,35 +66,6 @@ def plan(model, bf16, problems):
     return p
 
 
-# encoding module -> {shape and settings: its [tokens, B, E] sequence}, for encodings without parameters or buffers
-_POSITIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-MAX_POSITIONS = 8  # sequences kept per encoding (batch shapes x token counts)
-
-
-def _sequence(encoding, batch_size, tokens, device, dtype):
-    """The released call ``encoding(bs, h, w, device) -> [B, E, h, w]``, as a ``[h, B, E]`` sequence. An encoding
-    without parameters or buffers (the released sine) depends only on the shape and its plain settings: computed
-    once per shape and kept (about 20 small ops: 0.4 ms per forward at batch 1 and 2.2 ms at batch 32 on the TORE
-    head, AMD EPYC Zen 4), read-only for the forwards that add it."""
-    def compute():
-        return encoding(batch_size, tokens, 1, device).flatten(2).permute(2, 0, 1).to(dtype)
-
-    if torch.compiler.is_compiling() or next(encoding.parameters(), None) is not None \
-            or next(encoding.buffers(), None) is not None:  # traced (a constant there anyway), or learned
-        return compute()
-    settings = tuple(sorted((k, v) for k, v in vars(encoding).items()
-                            if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))))
-    key = (batch_size, tokens, device, dtype, settings)
-    kept = _POSITIONS.setdefault(encoding, {})
-    hit = kept.get(key)
-    if hit is None:
-        if len(kept) >= MAX_POSITIONS:
-            kept.clear()
-        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, whatever mode the first call ran in
-            hit = kept[key] = compute()
-    return hit
-
-
 def _broadcast_embedding(embedding, batch_size):
     return embedding.weight.unsqueeze(1).expand(-1, batch_size, -1)  # [L, B, E], stride 0 over B
 
@@ -136,8 +105,8 @@ def fused_itp_forward(self, images):
                                                       fc.bias, ln.weight, ln.bias, eps=ln.eps,
                                                       seq_first=True)  # [N, B, E1]
     n = img_tokens.shape[0]
-    pos_1 = _sequence(self.position_encoding_1, batch_size, n, device, dtype)
-    pos_2 = _sequence(self.position_encoding_2, batch_size, n, device, dtype)
+    pos_1 = layers.position_sequence(self.position_encoding_1, batch_size, n, device, dtype)
+    pos_2 = layers.position_sequence(self.position_encoding_2, batch_size, n, device, dtype)
     # the token embeddings broadcast, not repeated: the first decoder layers share their work over the batch
     cam_1, enc_img_1, j_1 = self.transformer_1(img_tokens, _broadcast_embedding(self.cam_token_embed, batch_size),
                                                _broadcast_embedding(self.joint_token_embed, batch_size), pos_1,
@@ -145,7 +114,7 @@ def fused_itp_forward(self, images):
     cam_2, _, j_2 = self.transformer_2(self.dim_reduce_enc(enc_img_1), self.dim_reduce_enc(cam_1),
                                        self.dim_reduce_dec(j_1), pos_2, attention_mask=None)
     cam_parameter = self.cam_predictor(cam_2).view(batch_size, 3)
-    pos_3 = _sequence(self.position_encoding_3, batch_size, j_2.shape[0], device, dtype)
+    pos_3 = layers.position_sequence(self.position_encoding_3, batch_size, j_2.shape[0], device, dtype)
     v_tokens = _broadcast_embedding(self.vertex_token_embed, batch_size)
     _, _, v_features = self.transformer_3(j_2, cam_2, v_tokens, pos_3,
                                           attention_mask=self.attention_mask.to(device))

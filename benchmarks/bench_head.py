@@ -80,27 +80,35 @@ def gemm(device, quick):
 
 # (rows, in, out) of the head's linears: one sample's joint tokens (14), image tokens (40), vertex tokens (431),
 # and their batch-32 counts; with a single row and the smallest weights, which linear leaves to F.linear
-LINEAR_SHAPES = ((1, 512, 512), (14, 128, 128), (14, 512, 2048), (40, 512, 512), (40, 2048, 512), (431, 128, 512),
-                 (1280, 512, 2048), (1280, 2048, 512), (13792, 512, 128))
+LINEAR_SHAPES = ((1, 512, 512), (14, 128, 128), (14, 512, 2048), (14, 2048, 512), (40, 512, 512), (40, 2048, 512),
+                 (431, 128, 512), (1280, 512, 2048), (1280, 2048, 512), (13792, 512, 128))
 
 
 @entry("linear")
 def linear_paths(device, quick):
-    """``tore_kernels.ops.linear.linear`` (in inference: MKL's packed GEMM, or F.linear for small products) vs
-    ``F.linear`` on the head's shapes, over 8 weights in turn, as a forward reads them (from memory, not cache)."""
+    """``tore_kernels.ops.linear.linear`` (in inference: few_rows_linear for a few rows, MKL's or oneDNN's packed
+    GEMM, or F.linear for small products) vs ``F.linear`` and vs the same linear without few_rows_linear ("packed
+    GEMM"), on the head's shapes, over 8 weights in turn, as a forward reads them (from memory, not cache)."""
     from torch.nn import functional as F
 
-    from tore_kernels.ops.linear import linear
+    from tore_kernels.ops import linear as linear_module
 
     shapes = LINEAR_SHAPES[:3] if quick else LINEAR_SHAPES
     for m, k, n in shapes:
         weights = [nn.Parameter(torch.randn(n, k, device=device)) for _ in range(8)]
         x = torch.randn(m, k, device=device)
 
-        def run(fn):
+        def run(fn, few_rows=True):
             def call():
-                with torch.no_grad():
-                    for w in weights:
-                        fn(x, w)
+                saved = linear_module.FEW_ROWS
+                linear_module.FEW_ROWS = saved if few_rows else {}
+                try:
+                    with torch.no_grad():
+                        for w in weights:
+                            fn(x, w)
+                finally:
+                    linear_module.FEW_ROWS = saved
             return call
-        yield Case("linear", {"rows": m, "in": k, "out": n}, {"F.linear": run(F.linear), "patched": run(linear)})
+        variants = {"F.linear": run(F.linear), "packed GEMM": run(linear_module.linear, few_rows=False),
+                    "patched": run(linear_module.linear)}
+        yield Case("linear", {"rows": m, "in": k, "out": n}, variants)

@@ -6,6 +6,9 @@ import platform
 import pytest
 import torch
 import torch.nn.functional as F
+from isa_clones import run_under_clone
+
+from tore_kernels import backend
 
 lin = importlib.import_module("tore_kernels.ops.linear")
 packs = pytest.mark.skipif(not (lin._MKL or lin._ONEDNN), reason="torch without MKL or oneDNN packed-linear ops")
@@ -58,8 +61,10 @@ def test_matches_f_linear(rows, relu, bias, mkl, monkeypatch):
 @pytest.mark.parametrize("rows,k,out", [(1, 2048, 2048), (14, 128, 128), (40, 512, 128)],
                          ids=["one-row", "small-weight", "small-product"])
 def test_small_products_run_f_linear(rows, k, out, gemm, monkeypatch):
-    # where a packed GEMM's fixed cost exceeds what it saves (see SMALL_PRODUCT), linear is F.linear itself
+    # where a packed GEMM's fixed cost exceeds what it saves (see SMALL_PRODUCT), linear is F.linear itself (unless
+    # few_rows_linear applies: test_linear_runs_few_rows_where_it_applies)
     monkeypatch.setattr(lin, "fp32_gemm", lambda: (gemm, 2))
+    monkeypatch.setattr(lin, "FEW_ROWS", {})
     w, x = _big(6, out=out, rows=rows, k=k)
     with torch.no_grad():
         assert torch.equal(lin.linear(x, w, relu=True), F.linear(x, w).relu())
@@ -191,3 +196,97 @@ def test_cpu_vendor_reads_this_cpu():
     vendor = lin.backend.cpu_vendor()
     if platform.machine() in ("x86_64", "AMD64"):
         assert vendor in ("GenuineIntel", "AuthenticAMD", "HygonGenuine", "CentaurHauls"), vendor
+
+
+needs_few_rows = pytest.mark.skipif(not lin.HAS_FEW_ROWS, reason="extension without few_rows_linear")
+FEW_ROWS_CASES = dict(m=[1, 2, 7, 14, 15, 16, 29, 40], kn=[(128, 32), (33, 96), (2048, 64)])
+
+
+def _few_rows_args(m, k, n, bias, seed=0):
+    """x [m, k] (a transposed view for odd m: the op reads any strides), weight [n, k] and bias [n] or None."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(k, m, generator=g).t() if m % 2 else torch.randn(m, k, generator=g)
+    return x, torch.randn(n, k, generator=g), torch.randn(n, generator=g) if bias else None
+
+
+@needs_few_rows
+@pytest.mark.parametrize("m", FEW_ROWS_CASES["m"])
+@pytest.mark.parametrize("k,n", FEW_ROWS_CASES["kn"])
+@pytest.mark.parametrize("bias,relu", [(True, False), (False, True)])
+def test_few_rows_linear_against_float64(m, k, n, bias, relu):
+    x, w, b = _few_rows_args(m, k, n, bias)
+    packed = lin.pack_few_rows_weight(w)
+    out = torch.ops.tore_kernels.few_rows_linear(x, packed, b, relu)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    b64 = None if b is None else b.double()
+    want = F.linear(x.double(), w.double(), b64)
+    # fp32 summation of k + 1 terms errs by at most (k + 1) u times the sum of their magnitudes (u = 2^-24)
+    bound = (k + 1) * 2.0 ** -24 * F.linear(x.double().abs(), w.double().abs(), None if b is None else b64.abs())
+    assert ((out.double() - (want.relu() if relu else want)).abs() <= bound).all()
+    torch.library.opcheck(torch.ops.tore_kernels.few_rows_linear.default, (x, packed, b, relu),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_few_rows
+@pytest.mark.parametrize("clone", backend.ISA_CLONES)
+def test_few_rows_linear_every_isa_clone(clone):
+    """Its tiles are compiled for the baseline ISA, AVX2 (6 rows x 16 columns) and AVX-512 (14 rows x 32 columns),
+    the widest that the CPU and ATEN_CPU_CAPABILITY allow running: the value tests rerun under each clone."""
+    run_under_clone(clone, __file__, "test_few_rows_linear_against_float64",
+                    expect_passed=len(FEW_ROWS_CASES["m"]) * len(FEW_ROWS_CASES["kn"]) * 2)
+
+
+@needs_few_rows
+def test_few_rows_linear_empty_products():
+    packed = lin.pack_few_rows_weight(torch.randn(64, 0))
+    b = torch.randn(64)
+    assert torch.equal(torch.ops.tore_kernels.few_rows_linear(torch.randn(3, 0), packed, b, False), b.expand(3, 64))
+    assert torch.ops.tore_kernels.few_rows_linear(torch.randn(0, 8), lin.pack_few_rows_weight(torch.randn(64, 8)),
+                                                  None, True).shape == (0, 64)
+
+
+@needs_few_rows
+@pytest.mark.parametrize("change, match", [
+    (lambda x, p, b: (x[None], p, b), r"x must be a 2-D float32 \[M, K\] tensor, got 3-D"),
+    (lambda x, p, b: (x.double(), p, b), r"x must be a 2-D float32 \[M, K\] tensor, got 2-D Double"),
+    (lambda x, p, b: (x[:, :-1], p, b), r"packed must be a contiguous float32 \[N / 32, K = 63, 32\]"),
+    (lambda x, p, b: (x, p.reshape(8, 64, 16), b), r"packed must be a contiguous float32 \[N / 32, K = 64, 32\]"),
+    (lambda x, p, b: (x, p.transpose(0, 1).contiguous().transpose(0, 1), b), "packed must be a contiguous"),
+    (lambda x, p, b: (x, p.double(), b), "packed must be a contiguous float32"),
+    (lambda x, p, b: (x, p, b[:-1]), r"bias must be a contiguous float32 \[N = 128\] tensor"),
+    (lambda x, p, b: (x, p, b.double()), r"bias must be a contiguous float32 \[N = 128\] tensor"),
+])
+def test_few_rows_linear_rejects_bad_arguments(change, match):
+    """Named errors, never a read out of bounds: the op is reachable as torch.ops.tore_kernels.few_rows_linear."""
+    x, w, b = _few_rows_args(14, 64, 128, True)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.tore_kernels.few_rows_linear(*change(x, lin.pack_few_rows_weight(w), b), False)
+
+
+@pytest.mark.parametrize("isa,m,k,n,few", [
+    ("avx512", 1, 512, 512, False), ("avx512", 2, 2048, 2048, True), ("avx512", 16, 512, 2048, True), ("avx512", 17, 512, 2048, False),
+    ("avx512", 40, 512, 512, True), ("avx512", 41, 128, 128, False), ("avx512", 14, 128, 100, False),
+    ("avx2", 4, 2048, 512, True), ("avx2", 5, 2048, 512, False), ("avx2", 16, 128, 512, True),
+    ("avx2", 17, 128, 128, False), ("baseline", 1, 128, 128, False), (None, 1, 128, 128, False)])
+def test_few_rows_rule_per_clone(isa, m, k, n, few, monkeypatch):
+    # measured (FEW_ROWS): from 2 rows, with AVX-512 up to 16 of any weight and 40 of weights up to 512 x 512;
+    # capped at AVX2 up to 4 and 16; never on the baseline clone or without the extension; whole 32-column panels
+    monkeypatch.setattr(lin.backend, "cpu_isa", lambda: isa)
+    monkeypatch.setattr(lin, "HAS_FEW_ROWS", True)
+    assert lin._few_rows(m, k, n) == few
+
+
+@needs_few_rows
+@pytest.mark.parametrize("rows", [None, (64, 128)])
+def test_linear_runs_few_rows_where_it_applies(rows, monkeypatch):
+    monkeypatch.setattr(lin, "FEW_ROWS", {backend.cpu_isa(): (16, 16)})  # this CPU's clone, whichever it is
+    g = torch.Generator().manual_seed(11)
+    w, b = torch.nn.Parameter(torch.randn(192, 64, generator=g)), torch.nn.Parameter(torch.randn(192, generator=g))
+    x = torch.randn(3, 5, 64, generator=g).transpose(0, 1)  # 15 rows, 3-D and not contiguous
+    lo, hi = rows or (0, 192)
+    with torch.no_grad():
+        got = lin.linear(x, w, b, rows=rows, relu=True)
+    assert [k for k in lin._DERIVED if k[0] == id(w) and k[1] == f"few_rows:{lo}:{hi}"], "few_rows_linear not taken"
+    torch.testing.assert_close(got, F.linear(x, w[lo:hi], b[lo:hi]).relu(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert lin._path(torch.randn(17, 64), w, b, hi - lo) != "few_rows"  # beyond FEW_ROWS: the packed GEMMs

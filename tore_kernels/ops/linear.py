@@ -12,6 +12,8 @@ meanwhile). It is used only where autograd does not need the linear (no grad mod
 training runs ``F.linear`` unchanged. Under ``torch.compile`` it is ``F.linear`` too: inductor packs the weights
 itself (``torch._inductor.config.freezing``), and the packed copy is not a graph constant it could trace. bf16
 weights are packed only where the CPU computes bf16 natively (:func:`bf16_native`): elsewhere oneDNN refuses.
+A few rows (one sample's joint tokens at batch 1: ``FEW_ROWS``) run the extension's ``few_rows_linear`` on weights
+packed into 32-column panels, where oneDNN and MKL, blocked for many rows, are slower.
 """
 from __future__ import annotations
 
@@ -78,6 +80,37 @@ def bf16_autocast() -> bool:
 SMALL_PRODUCT, SMALL_WEIGHT = 4_000_000, 128 * 512
 MAX_PACKED_ROWS = 4  # MKL packs per row count M: at most this many batch shapes per weight, then F.linear
 
+# Rows up to which fp32 products of 2 rows or more run tore_kernels::few_rows_linear, per SIMD clone: (any weight,
+# weights of at most FEW_ROWS_WEIGHT elements). Where the op measured at least as fast as the best of F.linear, MKL's
+# and oneDNN's packed GEMMs on 2 Zen 4 cores: with AVX-512 1.1-2.8x at 2-16 rows for 128-2048 x 128-2048 weights
+# and 1.07-1.5x at 17-40 rows for the smaller ones; capped at AVX2 1.3-2.0x at 2-4 rows, 0.95-1.8x at 5-16 rows of
+# the smaller weights. A single row stays on F.linear (MKL's matrix-vector product streams a weight from memory
+# faster). Off x86 (no SIMD clone) never.
+FEW_ROWS = {"avx512": (16, 40), "avx2": (4, 16)}
+FEW_ROWS_WEIGHT = 512 * 512
+FEW_ROWS_PANEL = 32  # output columns per packed panel (the kernel's register tile width)
+
+HAS_FEW_ROWS = backend.HAS_EXTENSION and hasattr(torch.ops.tore_kernels, "few_rows_linear")
+if HAS_FEW_ROWS:
+    _FEW_ROWS_OP = torch.ops.tore_kernels.few_rows_linear.default
+
+    @torch.library.register_fake("tore_kernels::few_rows_linear")
+    def _few_rows_fake(x, packed, bias, relu):
+        return x.new_empty(x.shape[0], packed.shape[0] * packed.shape[2])
+
+
+def pack_few_rows_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight [N, K]`` (N a multiple of ``FEW_ROWS_PANEL``) as few_rows_linear's panels ``[N / 32, K, 32]``."""
+    n, k = weight.shape
+    return weight.reshape(n // FEW_ROWS_PANEL, FEW_ROWS_PANEL, k).transpose(1, 2).contiguous()
+
+
+def _few_rows(m: int, k: int, n: int) -> bool:
+    """Whether an fp32 product of ``m`` rows by an ``[n, k]`` weight runs few_rows_linear on this CPU."""
+    limits = FEW_ROWS.get(backend.cpu_isa()) if HAS_FEW_ROWS else None
+    return (limits is not None and m >= 2 and n % FEW_ROWS_PANEL == 0
+            and m <= limits[1 if k * n <= FEW_ROWS_WEIGHT else 0])
+
 
 @functools.lru_cache(maxsize=None)
 def fp32_gemm() -> tuple[str | None, int]:
@@ -104,15 +137,16 @@ def _small(size: int, k: int, n: int, gemm: str) -> bool:
 
 
 def _path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> str | None:
-    """How ``linear`` runs: "mkl" (fp32, MKL's packed GEMM), "onednn" (bf16, or fp32 where oneDNN's is faster) or
-    None (F.linear: training, other devices, small products, tracing). The cheap size test first: most of the
+    """How ``linear`` runs: "few_rows" (fp32, a few rows: ``FEW_ROWS``), "mkl" (fp32, MKL's packed GEMM), "onednn"
+    (bf16, or fp32 where oneDNN's is faster) or None (F.linear: training, other devices, small products, tracing). The cheap size test first: most of the
     head's linears are small at batch 1, and this runs before each of them."""
     if torch.compiler.is_compiling() or x.dim() < 2 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         return None
     k, size = x.shape[-1], x.numel()
     bf16 = weight.dtype == torch.bfloat16 or bf16_autocast()
     gemm, min_rows = fp32_gemm()
-    if not bf16 and (gemm is None or size < min_rows * k or _small(size, k, n, gemm)):
+    few_rows = not bf16 and k > 0 and _few_rows(size // k, k, n)
+    if not bf16 and not few_rows and (gemm is None or size < min_rows * k or _small(size, k, n, gemm)):
         return None
     if not (x.is_cpu and weight.is_cpu and not x.is_mkldnn
             and weight.dtype in (torch.float32, torch.bfloat16) and x.dtype in (torch.float32, torch.bfloat16)
@@ -120,6 +154,8 @@ def _path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: i
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))):
         return None
+    if few_rows:
+        return "few_rows"
     onednn = _ONEDNN and torch.backends.mkldnn.enabled
     if bf16:
         return "onednn" if onednn and bf16_native() else None
@@ -147,7 +183,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear(x, weight[lo:hi], bias[lo:hi])`` (``rows=(lo, hi)``, default all), then ReLU when ``relu``.
 
     In inference on CPU it runs on a packed copy of the weight rows cached per parameter version: fp32 on MKL's
-    packed GEMM (oneDNN's without MKL), except for small products (see ``SMALL_PRODUCT``); bf16 under CPU bf16
+    packed GEMM (oneDNN's without MKL) or, for a few rows, on few_rows_linear (see ``FEW_ROWS``), except for small
+    products (see ``SMALL_PRODUCT``); bf16 under CPU bf16
     autocast on oneDNN's (as F.linear would: bf16 inputs and output, fp32 accumulation). Otherwise (training,
     other devices) it is ``F.linear``."""
     lo, hi = (0, weight.shape[0]) if rows is None else rows
@@ -162,6 +199,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, bias, "relu" if relu else "none", [], "")
     if bias is not None and rows is not None:
         bias = bias[lo:hi]
+    if path == "few_rows":
+        packed = derived_weight(weight, f"few_rows:{lo}:{hi}", lambda w: pack_few_rows_weight(w[lo:hi]))
+        if x.dim() == 2:
+            return _FEW_ROWS_OP(x, packed, bias, relu)
+        return _FEW_ROWS_OP(x.reshape(-1, x.shape[-1]), packed, bias, relu).view(*x.shape[:-1], hi - lo)
     if path == "mkl":
         y = _mkl_linear(x, weight, bias, lo, hi)
         return y.relu_() if relu else y

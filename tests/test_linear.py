@@ -24,7 +24,7 @@ def packs_from_two_rows(monkeypatch):
 
 
 def _packed_entries(weight):
-    return [k for k in lin._DERIVED if k[0] == id(weight) and k[1].startswith(("onednn", "mkl"))]
+    return [k for k in lin._DERIVED.copy() if k[0] == id(weight) and k[1].startswith(("onednn", "mkl"))]
 
 
 def _big(seed, out=512, rows=90, k=256):
@@ -159,7 +159,7 @@ def test_bf16_not_packed_without_native_bf16(monkeypatch):
         got = lin.linear(x, w, b, relu=True)
         want = F.linear(x, w, b).relu()
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
-    assert not [k for k in lin._DERIVED if k[0] == id(w) and "bfloat16" in k[1]]
+    assert not [k for k in lin._DERIVED.copy() if k[0] == id(w) and "bfloat16" in k[1]]
     with torch.no_grad():
         lin.linear(x, w, b)  # fp32 still packs
     assert _packed_entries(w)
@@ -286,7 +286,9 @@ def test_linear_runs_few_rows_where_it_applies(rows, monkeypatch):
     lo, hi = rows or (0, 192)
     with torch.no_grad():
         got = lin.linear(x, w, b, rows=rows, relu=True)
-    assert [k for k in lin._DERIVED if k[0] == id(w) and k[1] == f"few_rows:{lo}:{hi}"], "few_rows_linear not taken"
+    taken = [k for k in lin._DERIVED.copy() if k[0] == id(w) and k[1] == f"few_rows:{lo}:{hi}"]
+    assert taken, "few_rows_linear not taken"
     torch.testing.assert_close(got, F.linear(x, w[lo:hi], b[lo:hi]).relu(), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         assert lin._path(torch.randn(17, 64), w, b, hi - lo) != "few_rows"  # beyond FEW_ROWS: the packed GEMMs
+

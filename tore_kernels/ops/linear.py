@@ -63,7 +63,9 @@ _derived_weight_untraced = torch.compiler.disable(derived_weight)
 def drop_derived(tensors) -> None:
     """Forget the cached derived copies of ``tensors`` (e.g. a model's parameters after ``unpatch``)."""
     live = {id(t): t for t in tensors}
-    for key, hit in list(_DERIVED.items()):
+    # a copy, made without allocating Python objects: building a list of the items could start a garbage
+    # collection whose weakref callbacks (a dead parameter's entry) change the table mid-iteration
+    for key, hit in _DERIVED.copy().items():
         if key[0] in live and hit[0]() is live[key[0]]:
             _DERIVED.pop(key, None)
 

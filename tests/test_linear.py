@@ -264,7 +264,8 @@ def test_few_rows_linear_rejects_bad_arguments(change, match):
 
 
 @pytest.mark.parametrize("isa,m,k,n,few", [
-    ("avx512", 1, 512, 512, False), ("avx512", 2, 2048, 2048, True), ("avx512", 16, 512, 2048, True), ("avx512", 17, 512, 2048, False),
+    ("avx512", 1, 512, 512, False), ("avx512", 2, 2048, 2048, True), ("avx512", 16, 512, 2048, True),
+    ("avx512", 17, 512, 2048, False),
     ("avx512", 40, 512, 512, True), ("avx512", 41, 128, 128, False), ("avx512", 14, 128, 100, False),
     ("avx2", 4, 2048, 512, True), ("avx2", 5, 2048, 512, False), ("avx2", 16, 128, 512, True),
     ("avx2", 17, 128, 128, False), ("baseline", 1, 128, 128, False), (None, 1, 128, 128, False)])

@@ -140,8 +140,8 @@ def _small(size: int, k: int, n: int, gemm: str) -> bool:
 
 def _path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> str | None:
     """How ``linear`` runs: "few_rows" (fp32, a few rows: ``FEW_ROWS``), "mkl" (fp32, MKL's packed GEMM), "onednn"
-    (bf16, or fp32 where oneDNN's is faster) or None (F.linear: training, other devices, small products, tracing). The cheap size test first: most of the
-    head's linears are small at batch 1, and this runs before each of them."""
+    (bf16, or fp32 where oneDNN's is faster) or None (F.linear: training, other devices, small products, tracing).
+    The cheap size test first: most of the head's linears are small at batch 1, and this runs before each of them."""
     if torch.compiler.is_compiling() or x.dim() < 2 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         return None
     k, size = x.shape[-1], x.numel()

@@ -9,6 +9,7 @@ from torch import nn
 
 from tore_kernels.patch.backbone import _sequential_top_forward, backbone_forwards
 from tore_kernels.backend import bf16_native
+from tore_kernels.ops.conv import MAX_PACKED_SHAPES
 from tore_kernels.patch import _patched_class, backbone
 
 
@@ -289,13 +290,13 @@ def test_weights_reordered_per_input_shape_up_to_a_limit():
     block = _randomise_batchnorm(BasicBlock(8, 8)).eval()
     ref = copy.deepcopy(block)
     _apply(block)
-    sizes = range(5, 5 + backbone.MAX_PACKED_SHAPES + 2)
+    sizes = range(5, 5 + MAX_PACKED_SHAPES + 2)
     with torch.no_grad():
         for size in sizes:
             x = torch.randn(2, 8, size, size)
             torch.testing.assert_close(block(x), ref(x), rtol=1e-4, atol=1e-4)
     packs = backbone._folded(block.conv1, block.bn1)[2]
-    assert sorted(s[-1] for s in packs) == list(sizes)[:backbone.MAX_PACKED_SHAPES]
+    assert sorted(s[-1] for s in packs) == list(sizes)[:MAX_PACKED_SHAPES]
 
 
 def test_unrecognised_parts_keep_their_forward():
@@ -337,6 +338,29 @@ def test_torchvision_resnet50_trunk():
     assert sum(f.__name__ == "_bottleneck_forward" for _, f in plan) == 16
     eps = torch.finfo(torch.float32).eps
     assert fast_err <= max(4 * eager_err, 64 * eps * scale), (fast_err, eager_err, scale)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_patch_folds_every_batchnorm_of_the_released_networks_backbone(dtype):
+    # patch gives the model's Conv2d modules a forward of their own (a per-instance subclass); the backbone still
+    # folds them, the downsample Sequentials' included: no BatchNorm runs as a module in inference
+    from tore_kernels.patch import patch
+    from tore_kernels.patch.layers import released_class
+    from tore_reference import released
+
+    if dtype is torch.bfloat16 and not bf16_native():
+        pytest.skip("no native bf16 on this CPU: patch(dtype=bf16) runs fp32, the fp32 case covers it")
+    torch.manual_seed(0)
+    backbone = _randomise_batchnorm(nn.Sequential(*list(ResNet().children())[:-2]))
+    fast = patch(released.build_tore_fastmetro(tiny=True, backbone=backbone).eval(), dtype=dtype)
+    assert any(released_class(m) is nn.Conv2d and type(m) is not nn.Conv2d for m in fast.backbone.modules())
+    called = []
+    for name, m in fast.backbone.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.register_forward_pre_hook(lambda *_, name=name: called.append(name))
+    with torch.no_grad():
+        fast(torch.randn(1, 3, 224, 224))
+    assert called == []
 
 
 @pytest.mark.parametrize("trunk", ["small_backbone", "resnet trunk"])

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from tore_kernels import backend
 from tore_kernels.patch import capture, patch, patch_report, unpatch
 from test_zoo import assert_all_close, build, images_on, run
 
@@ -196,11 +197,11 @@ def test_shortcut_checks_while_capturing():
 
     ones = torch.ones(3)
     assert capture.shortcut_applies(torch.equal, ones * 2, ones + 1)
-    capture._LOCAL.capturing = True
+    backend._TRACE.capturing = True
     try:
         make_fx(forward, pre_dispatch=True)(ones)
     finally:
-        capture._LOCAL.capturing = False
+        backend._TRACE.capturing = False
     assert seen == [(True, False)]
 
 

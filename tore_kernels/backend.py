@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import threading
 import warnings
 
 import torch
@@ -52,6 +53,15 @@ def has_triton() -> bool:
         return True
     except Exception:
         return False
+
+
+_TRACE = threading.local()  # .capturing: True while this thread traces a forward for patch(compile=True)
+
+
+def capturing() -> bool:
+    """Whether this thread is tracing a patched forward into patch(compile=True)'s graph: the ops then take the
+    plain torch calls that inductor fuses and prepacks itself."""
+    return getattr(_TRACE, "capturing", False)
 
 
 def triton_interpret() -> bool:

@@ -4,7 +4,8 @@
 ``[N, HW]``) and ``LayerNorm_[N,C](A @ F_flat)`` (the tokens ``[N, C]``). Implementations:
 
 * ``reference``: the eager sequence exactly as the released code writes it (the fallback).
-* ``cpu`` on CPU tensors where the C++ kernels run an AVX2 or AVX-512 clone (``uses_post_conv_op``): oneDNN's conv,
+* ``cpu`` on CPU tensors where the C++ kernels run an AVX2 or AVX-512 clone (``uses_post_conv_op``): the conv
+  (:func:`~tore_kernels.ops.conv.conv2d`: oneDNN, on the weight reordered once per input shape at small sizes),
   then one C++ op (``torch.ops.tore_kernels.image_token_prune_post_conv``, csrc/itp/itp_cpu.cpp) for GELU, fc,
   softmax, ``A @ F`` and LayerNorm in a single parallel loop over the batch.
 * ``cpu`` elsewhere (other CPUs too) (and the recompute in backward): the same maths in torch, everything after the conv reshaped
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
+from .conv import conv2d
 from .kernel_config import KernelConfig
 
 OP = "image_token_prune"
@@ -412,7 +414,7 @@ def image_token_prune(features, conv_weight, conv_bias, fc_weight, fc_bias, ln_w
         impl = "cpu"
     if impl == "cpu" and features.device.type == "cpu" and uses_post_conv_op():
         return torch.ops.tore_kernels.image_token_prune_post_conv(
-            F.conv2d(features, conv_weight, conv_bias, padding=1), features, fc_weight, fc_bias, ln_weight, ln_bias,
+            conv2d(features, conv_weight, conv_bias, padding=1), features, fc_weight, fc_bias, ln_weight, ln_bias,
             float(eps), bool(seq_first))
     tokens, heatmap = (_reference_forward if impl == "reference" else _torch_forward)(*args, eps)
     return (tokens.transpose(0, 1).contiguous() if seq_first else tokens), heatmap

@@ -68,6 +68,7 @@ from . import bf16 as _bf16
 from . import capture
 from . import families
 from . import layers
+from .layers import RELEASED_CLASS
 
 try:  # the backbone's fast forwards (tore_kernels/patch/backbone.py); without it the backbone is left as it is
     from .backbone import backbone_forwards
@@ -128,11 +129,12 @@ def _reduce_patched(self, protocol):
 def _patched_class(cls, forward):
     """A subclass of ``cls`` (same name) with ``forward`` replaced; one per (class, forward). A per-instance class
     rather than a bound method, so that nn.DataParallel replicas (which copy ``__dict__``) call their own
-    submodules; ``__reduce_ex__`` keeps pickling and deepcopy working without the class being importable."""
+    submodules; ``__reduce_ex__`` keeps pickling and deepcopy working without the class being importable;
+    ``RELEASED_CLASS`` names ``cls`` (``layers.released_class``)."""
     key = (cls, forward)
     if key not in _PATCHED_CLASSES:
         _PATCHED_CLASSES[key] = type(cls.__name__, (cls,), {
-            "forward": forward, "__reduce_ex__": _reduce_patched, "__module__": cls.__module__,
+            "forward": forward, "__reduce_ex__": _reduce_patched, "__module__": cls.__module__, RELEASED_CLASS: cls,
             "__qualname__": cls.__qualname__})
     return _PATCHED_CLASSES[key]
 

@@ -30,22 +30,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backend import bf16_native
+from ..backend import bf16_native, capturing
+from ..ops.conv import HAS_ONEDNN_CONV, onednn_conv
 from ..ops.linear import bf16_autocast, derived_weight
-from .capture import capturing
+from .layers import released_class
 
 __all__ = ["backbone_forwards"]
 
-_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-           and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"))
-MAX_PACKED_SHAPES = 4  # weights reordered per input shape: at most this many shapes per conv, then channels_last
-
 
 def _foldable(conv, bn) -> bool:
-    """A plain 2-d conv followed by a BatchNorm2d that normalises with its running statistics in eval mode."""
-    return (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and conv.padding_mode == "zeros"
-            and isinstance(conv.padding, tuple) and bn.track_running_stats and bn.running_mean is not None
-            and bn.num_features == conv.out_channels)
+    """A plain 2-d conv (patch may have given it its conv forward) followed by a BatchNorm2d that normalises with its
+    running statistics in eval mode."""
+    return (released_class(conv) is nn.Conv2d and released_class(bn) is nn.BatchNorm2d
+            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple) and bn.track_running_stats
+            and bn.running_mean is not None and bn.num_features == conv.out_channels)
 
 
 def _folded(conv, bn, dtype=torch.float32):
@@ -69,46 +67,27 @@ def _folded(conv, bn, dtype=torch.float32):
 
 
 def _conv_bn(conv, bn, x, relu=False, residual=None, into_residual=False):
-    """``relu?(bn(conv(x)) [+ residual])`` as one oneDNN convolution, on the folded weight reordered once for
-    ``x``'s shape (oneDNN's blocked layout for it: without the reorder each call reorders the weight, 1.6x slower
-    at batch 1 on ResNet-50; reordered without the shape, oneDNN's guess was 1.9x slower than eager there).
-    ``into_residual``: the caller gives up ``residual``, and the sum is accumulated into its memory where it is a
-    channels_last tensor of the output's shape (oneDNN's sum post-op, instead of a new output and a binary add).
-    Under bf16 autocast it runs in bf16 (``x`` and ``residual`` rounded to bf16 where they are not)."""
+    """``relu?(bn(conv(x)) [+ residual])`` as one oneDNN convolution on the folded weight
+    (:func:`~tore_kernels.ops.conv.onednn_conv`: reordered once per input shape; ``into_residual``: the sum
+    accumulated into ``residual``'s memory, which the caller gives up). Under bf16 autocast it runs in bf16 (``x``
+    and ``residual`` rounded to bf16 where they are not)."""
     dtype = torch.bfloat16 if bf16_autocast() else torch.float32
     weight, bias, packs = _folded(conv, bn, dtype)
     x = x.to(dtype)
-    if capturing():  # plain ops on the folded weights: inductor fuses them into oneDNN's (whose ops it cannot trace)
+    residual = None if residual is None else residual.to(dtype)
+    if capturing():  # plain ops on the folded weights: inductor fuses and prepacks them itself
         y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        y = y if residual is None else y + residual.to(dtype)
+        y = y if residual is None else y + residual
         return F.relu(y) if relu else y
-    args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-    packed = packs.get(x.shape)
-    if packed is None and len(packs) < MAX_PACKED_SHAPES:
-        with torch.inference_mode(False), torch.no_grad():
-            packed = packs[x.shape] = torch.ops.mkldnn._reorder_convolution_weight(weight, *args, list(x.shape))
-    weight = weight if packed is None else packed
-    if residual is not None:
-        residual = residual.to(dtype)
-        post = ("add", 1.0, "relu" if relu else None, [], "")
-        if (into_residual and residual.is_contiguous(memory_format=torch.channels_last)
-                and residual.shape == _output_shape(conv, x)):
-            return torch.ops.mkldnn._convolution_pointwise_.binary(residual, x, weight, bias, *args, *post)
-        return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, bias, *args, *post)
-    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "relu" if relu else "none", [], "")
-
-
-def _output_shape(conv, x):
-    n, _, *size = x.shape
-    return (n, conv.out_channels, *((s + 2 * p - d * (k - 1) - 1) // st + 1 for s, p, d, k, st in zip(
-        size, conv.padding, conv.dilation, conv.kernel_size, conv.stride)))
+    return onednn_conv(x, weight, bias, packs, list(conv.stride), list(conv.padding), list(conv.dilation),
+                       conv.groups, relu, residual, into_residual)
 
 
 def _fast(module, x) -> bool:
     """Whether ``module(x)`` may take the folded path: inference on CPU, nothing that traces; fp32 without autocast,
     or bf16 autocast (fp32 or bf16 ``x``) where the CPU computes bf16 natively (elsewhere oneDNN emulates it)."""
     bf16 = bf16_autocast()
-    return (_ONEDNN and torch.backends.mkldnn.enabled and not module.training and isinstance(x, torch.Tensor)
+    return (HAS_ONEDNN_CONV and torch.backends.mkldnn.enabled and not module.training and isinstance(x, torch.Tensor)
             and x.device.type == "cpu" and x.dim() == 4 and not x.is_mkldnn
             and (x.dtype in (torch.float32, torch.bfloat16) and bf16_native() if bf16 else
                  x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
@@ -177,7 +156,7 @@ def _run_sequential(modules, x):
     i = 0
     while i < len(modules):
         if i + 1 < len(modules) and _foldable(modules[i], modules[i + 1]):
-            relu = i + 2 < len(modules) and type(modules[i + 2]) is nn.ReLU
+            relu = i + 2 < len(modules) and released_class(modules[i + 2]) is nn.ReLU
             x = _conv_bn(modules[i], modules[i + 1], x, relu=relu)
             i += 3 if relu else 2
         else:

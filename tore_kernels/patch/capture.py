@@ -32,6 +32,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .. import backend
+from ..backend import capturing
 from ..ops.linear import tensor_versions
 
 MAX_GRAPHS = 4  # kept per model (one per batch shape, say), the least recently used dropped
@@ -40,14 +41,9 @@ MAX_TRIES = 16  # signatures a model may try to capture (a forward whose key nev
 # (fp32 reassociation in fused loops moves them by ~1e-6)
 AGREEMENT = 1e-4
 
-_LOCAL = threading.local()  # .capturing: True while this thread traces a forward
 _LOCK = threading.Lock()  # the graph tables
 _BUILDING = threading.Lock()  # one capture at a time (make_fx and inductor's configuration are process-wide)
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _Graphs
-
-
-def capturing() -> bool:
-    return getattr(_LOCAL, "capturing", False)
 
 
 def _from_inputs(t: torch.Tensor) -> bool:
@@ -189,13 +185,13 @@ def _capture(inner, model, args, kwargs):
         return tuple(pytree.tree_leaves(inner(model, *a, **k)))
 
     tensors = [leaves[i] for i in where]
-    _LOCAL.capturing = True
+    backend._TRACE.capturing = True
     try:
         graph = make_fx(flat_forward, pre_dispatch=True)(*tensors)
     except Exception as exc:  # a decision on the inputs' values, or an op make_fx cannot trace
         return eager, f"tracing failed: {type(exc).__name__}: {exc}"[:300]
     finally:
-        _LOCAL.capturing = False
+        backend._TRACE.capturing = False
     try:
         compiled = _compile(graph, tensors)
         out = compiled(*tensors)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..nn.attention import AdjacencyMultiheadAttention, few_keys_table
 from ..ops.adjacency_attention import dense_attention
+from ..ops.conv import conv2d
 from ..ops.linear import linear, tensor_versions
 from .capture import shortcut_applies
 
@@ -33,6 +34,14 @@ def eager_under_compile(forward):
 def base_forward(module):
     """The forward of the class ``patch`` subclassed (the released code's)."""
     return type(module).__bases__[0].forward
+
+
+RELEASED_CLASS = "_tore_released_class"  # set on each class patch makes: the class it subclassed
+
+
+def released_class(module) -> type:
+    """``module``'s class as the released code built it (``patch`` gives modules a per-instance subclass)."""
+    return vars(type(module)).get(RELEASED_CLASS, type(module))
 
 
 @eager_under_compile
@@ -276,6 +285,14 @@ def transformer_forward(self, img_features, cam_token, jv_tokens, pos_embed, att
 
 def packed_linear_forward(self, input):
     return linear(input, self.weight, self.bias)
+
+
+def packed_conv_forward(self, input):
+    """nn.Conv2d's forward through :func:`~tore_kernels.ops.conv.conv2d` (small fp32 inputs in inference on the
+    weight reordered once per input shape)."""
+    if self.padding_mode != "zeros":
+        return self._conv_forward(input, self.weight, self.bias)
+    return conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 def bert_self_attention_forward(self, hidden_states, attention_mask=None, head_mask=None, *args, **kwargs):

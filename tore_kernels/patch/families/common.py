@@ -154,17 +154,20 @@ def add_bert(plan, attentions, intermediates=()):
 
 
 def add_linears(plan, model, bf16, keep=()):
-    """Every plain nn.Linear on packed weights in inference, except ``keep`` (names of modules a fused forward
-    reads); with bf16 the output heads in fp32 and the convs on cached bf16 weights."""
+    """Every plain nn.Linear on packed weights and nn.Conv2d on reordered ones in inference, except ``keep`` (names
+    of modules a fused forward reads); with bf16 the output heads in fp32 and the convs on cached bf16 weights."""
     heads = [name for name in _bf16.FP32_HEADS if type(getattr(model, name, None)) is nn.Linear] if bf16 else []
     plan.forwards += [(getattr(model, name), _bf16.fp32_linear_forward) for name in heads]
     skip = {id(getattr(model, name, None)) for name in list(heads) + list(keep)}
-    plan.forwards += [(m, layers.packed_linear_forward if type(m) is nn.Linear else _bf16.bf16_conv_forward)
-                      for m in model.modules()
-                      if (type(m) is nn.Linear or (bf16 and type(m) is nn.Conv2d)) and id(m) not in skip]
+    conv_forward = _bf16.bf16_conv_forward if bf16 else layers.packed_conv_forward
+    plan.forwards += [(m, layers.packed_linear_forward if type(m) is nn.Linear else conv_forward)
+                      for m in model.modules() if type(m) in (nn.Linear, nn.Conv2d) and id(m) not in skip]
     plan.report.append(("Linear modules and attention projections", "F.linear", "in inference, MKL / oneDNN GEMM on "
                         "weights packed once per parameter version (F.linear for small products)"))
     if bf16:
         plan.report += [(name, "Linear", "Linear kept in fp32 under autocast") for name in heads]
         plan.report.append(("Conv2d modules", "fp32 weights", "bf16 weight copies cached per parameter version "
                             "in inference"))
+    else:
+        plan.report.append(("Conv2d modules", "F.conv2d", "in inference, small inputs: oneDNN on weights reordered "
+                            "once per input shape"))

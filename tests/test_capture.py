@@ -197,11 +197,9 @@ def test_shortcut_checks_while_capturing():
 
     ones = torch.ones(3)
     assert capture.shortcut_applies(torch.equal, ones * 2, ones + 1)
-    backend._TRACE.capturing = True
-    try:
+    with backend.capture_tracing():
         make_fx(forward, pre_dispatch=True)(ones)
-    finally:
-        backend._TRACE.capturing = False
+    assert not backend.capturing()
     assert seen == [(True, False)]
 
 

@@ -17,6 +17,7 @@ kernel is slower than torch's own ops on some ISA, the op's module picks torch's
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -62,6 +63,16 @@ def capturing() -> bool:
     """Whether this thread is tracing a patched forward into patch(compile=True)'s graph: the ops then take the
     plain torch calls that inductor fuses and prepacks itself."""
     return getattr(_TRACE, "capturing", False)
+
+
+@contextlib.contextmanager
+def capture_tracing():
+    """:func:`capturing` is True in this thread inside the block."""
+    _TRACE.capturing = True
+    try:
+        yield
+    finally:
+        _TRACE.capturing = False
 
 
 def triton_interpret() -> bool:

@@ -39,7 +39,7 @@ def onednn_conv(x, weight, bias, packs, stride, padding, dilation, groups, relu=
     of the output's shape (oneDNN's sum post-op instead of a new output and a binary add). ``stride``, ``padding``,
     ``dilation``: lists of two ints. The output is channels_last."""
     args = (padding, stride, dilation, groups)
-    out_shape = [x.shape[0], weight.shape[0], *_output_size(x.shape, weight.shape, stride, padding, dilation)]
+    shape = weight.shape  # the weight's as given: its reordered copy has another
     packed = packs.get(x.shape)
     if packed is None and len(packs) < MAX_PACKED_SHAPES:
         with torch.inference_mode(False), torch.no_grad():
@@ -48,7 +48,8 @@ def onednn_conv(x, weight, bias, packs, stride, padding, dilation, groups, relu=
     if residual is not None:
         post = ("add", 1.0, "relu" if relu else None, [], "")
         if (into_residual and residual.is_contiguous(memory_format=torch.channels_last)
-                and list(residual.shape) == out_shape):
+                and list(residual.shape) == [x.shape[0], shape[0],
+                                             *_output_size(x.shape, shape, stride, padding, dilation)]):
             return torch.ops.mkldnn._convolution_pointwise_.binary(residual, x, weight, bias, *args, *post)
         return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, bias, *args, *post)
     return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "relu" if relu else "none", [], "")

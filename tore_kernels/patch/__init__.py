@@ -123,7 +123,7 @@ def _rebuild_patched(original_class, forward):
 
 
 def _reduce_patched(self, protocol):
-    return _rebuild_patched, (type(self).__bases__[0], type(self).forward), self.__dict__
+    return _rebuild_patched, (layers.released_class(self), type(self).forward), self.__dict__
 
 
 def _patched_class(cls, forward):

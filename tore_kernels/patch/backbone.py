@@ -33,7 +33,7 @@ from torch import nn
 from ..backend import bf16_native, capturing
 from ..ops.conv import HAS_ONEDNN_CONV, onednn_conv
 from ..ops.linear import bf16_autocast, derived_weight
-from .layers import released_class
+from .layers import base_forward, released_class
 
 __all__ = ["backbone_forwards"]
 
@@ -97,7 +97,7 @@ def _fast(module, x) -> bool:
 
 
 def _own(module, *args, **kwargs):
-    return type(module).__bases__[0].forward(module, *args, **kwargs)
+    return base_forward(module)(module, *args, **kwargs)
 
 
 def _shortcut(block, x, owned):

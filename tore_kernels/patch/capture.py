@@ -185,13 +185,11 @@ def _capture(inner, model, args, kwargs):
         return tuple(pytree.tree_leaves(inner(model, *a, **k)))
 
     tensors = [leaves[i] for i in where]
-    backend._TRACE.capturing = True
     try:
-        graph = make_fx(flat_forward, pre_dispatch=True)(*tensors)
+        with backend.capture_tracing():
+            graph = make_fx(flat_forward, pre_dispatch=True)(*tensors)
     except Exception as exc:  # a decision on the inputs' values, or an op make_fx cannot trace
         return eager, f"tracing failed: {type(exc).__name__}: {exc}"[:300]
-    finally:
-        backend._TRACE.capturing = False
     try:
         compiled = _compile(graph, tensors)
         out = compiled(*tensors)

@@ -31,17 +31,17 @@ def eager_under_compile(forward):
     return run
 
 
-def base_forward(module):
-    """The forward of the class ``patch`` subclassed (the released code's)."""
-    return type(module).__bases__[0].forward
-
-
 RELEASED_CLASS = "_tore_released_class"  # set on each class patch makes: the class it subclassed
 
 
 def released_class(module) -> type:
     """``module``'s class as the released code built it (``patch`` gives modules a per-instance subclass)."""
     return vars(type(module)).get(RELEASED_CLASS, type(module))
+
+
+def base_forward(module):
+    """The forward of the class ``patch`` subclassed (the released code's)."""
+    return released_class(module).forward
 
 
 @eager_under_compile

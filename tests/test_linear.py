@@ -267,11 +267,12 @@ def test_few_rows_linear_rejects_bad_arguments(change, match):
     ("avx512", 1, 512, 512, False), ("avx512", 2, 2048, 2048, True), ("avx512", 16, 512, 2048, True),
     ("avx512", 17, 512, 2048, False),
     ("avx512", 40, 512, 512, True), ("avx512", 41, 128, 128, False), ("avx512", 14, 128, 100, False),
-    ("avx2", 4, 2048, 512, True), ("avx2", 5, 2048, 512, False), ("avx2", 16, 128, 512, True),
-    ("avx2", 17, 128, 128, False), ("baseline", 1, 128, 128, False), (None, 1, 128, 128, False)])
+    ("avx2", 40, 2048, 512, True), ("avx2", 41, 2048, 512, False), ("avx2", 40, 128, 512, True),
+    ("avx2", 41, 128, 128, False), ("baseline", 1, 128, 128, False), (None, 1, 128, 128, False)])
 def test_few_rows_rule_per_clone(isa, m, k, n, few, monkeypatch):
     # measured (FEW_ROWS): from 2 rows, with AVX-512 up to 16 of any weight and 40 of weights up to 512 x 512;
-    # capped at AVX2 up to 4 and 16; never on the baseline clone or without the extension; whole 32-column panels
+    # capped at AVX2 up to 40 of any weight; never on the baseline clone or without the extension; whole 32-column
+    # panels
     monkeypatch.setattr(lin.backend, "cpu_isa", lambda: isa)
     monkeypatch.setattr(lin, "HAS_FEW_ROWS", True)
     assert lin._few_rows(m, k, n) == few

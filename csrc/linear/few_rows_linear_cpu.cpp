@@ -81,7 +81,9 @@ __attribute__((target("avx2,fma,avx512f,avx512dq,avx512vl,avx512bw"))) void tile
   }
 }
 
-// AVX2: 16 registers, so M <= 6 rows x 16 columns (12 sums), each half of the panel in turn.
+// AVX2: 16 registers, so M <= 6 rows x 16 columns (12 sums), each half of the panel in turn. The first half's
+// pass prefetches both halves 8 rows ahead, as the AVX-512 tile does: in a forward each weight comes from memory
+// (capped at AVX2 on 2 Zen 4 cores, weights cycled through 64 MB: 14 x 512 x 2048 1.2x faster than without).
 template <int M>
 __attribute__((target("avx2,fma"))) void tile_avx2(const TileArgs& a) {
   for (int half = 0; half < 2; ++half) {
@@ -92,6 +94,10 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const TileArgs& a) {
     for (int r = 0; r < M; ++r) acc[r][0] = b0, acc[r][1] = b1;
     for (int64_t k = 0; k < a.K; ++k) {
       const float* w = a.w + k * kPanel + 16 * half;
+      if (half == 0) {  // both halves' lines: the second pass then reads the panel from cache, not memory
+        _mm_prefetch(reinterpret_cast<const char*>(w + 8 * kPanel), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + 8 * kPanel + 16), _MM_HINT_T0);
+      }
       const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
 #pragma GCC unroll 6
       for (int r = 0; r < M; ++r) {

@@ -86,9 +86,12 @@ MAX_PACKED_ROWS = 4  # MKL packs per row count M: at most this many batch shapes
 # weights of at most FEW_ROWS_WEIGHT elements). Where the op measured at least as fast as the best of F.linear, MKL's
 # and oneDNN's packed GEMMs on 2 Zen 4 cores: with AVX-512 1.1-2.8x at 2-16 rows for 128-2048 x 128-2048 weights
 # and 1.07-1.5x at 17-40 rows for the smaller ones; capped at AVX2 1.3-2.0x at 2-4 rows, 0.95-1.8x at 5-16 rows of
-# the smaller weights. A single row stays on F.linear (MKL's matrix-vector product streams a weight from memory
-# faster). Off x86 (no SIMD clone) never.
-FEW_ROWS = {"avx512": (16, 40), "avx2": (4, 16)}
+# the smaller weights; in a forward, where each weight comes from memory, the AVX2 tile (since it prefetches) and
+# oneDNN's AVX2 GEMM at 40 rows of 512 x 2048 ran at about the same speed, and the captured TORE-FastMETRO-L head
+# at batch 1 capped at AVX2 ran 1.01-1.03x faster with every weight up to 16 rows and 1.03-1.04x faster again up to
+# 40 (side by side; oneDNN's AVX2 GEMM reached 80 GFLOP/s there, its AVX-512 one 190). A single row stays on F.linear
+# (MKL's matrix-vector product streams a weight from memory faster). Off x86 (no SIMD clone) never.
+FEW_ROWS = {"avx512": (16, 40), "avx2": (40, 40)}
 FEW_ROWS_WEIGHT = 512 * 512
 FEW_ROWS_PANEL = 32  # output columns per packed panel (the kernel's register tile width)
 

@@ -39,20 +39,19 @@ def onednn_conv(x, weight, bias, packs, stride, padding, dilation, groups, relu=
     of the output's shape (oneDNN's sum post-op instead of a new output and a binary add). ``stride``, ``padding``,
     ``dilation``: lists of two ints. The output is channels_last."""
     args = (padding, stride, dilation, groups)
-    shape = weight.shape  # the weight's as given: its reordered copy has another
     packed = packs.get(x.shape)
     if packed is None and len(packs) < MAX_PACKED_SHAPES:
         with torch.inference_mode(False), torch.no_grad():
             packed = packs[x.shape] = torch.ops.mkldnn._reorder_convolution_weight(weight, *args, list(x.shape))
-    weight = weight if packed is None else packed
+    w = weight if packed is None else packed  # the reordered copy's shape is not the weight's
     if residual is not None:
         post = ("add", 1.0, "relu" if relu else None, [], "")
         if (into_residual and residual.is_contiguous(memory_format=torch.channels_last)
-                and list(residual.shape) == [x.shape[0], shape[0],
-                                             *_output_size(x.shape, shape, stride, padding, dilation)]):
-            return torch.ops.mkldnn._convolution_pointwise_.binary(residual, x, weight, bias, *args, *post)
-        return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, weight, bias, *args, *post)
-    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "relu" if relu else "none", [], "")
+                and list(residual.shape) == [x.shape[0], weight.shape[0],
+                                             *_output_size(x.shape, weight.shape, stride, padding, dilation)]):
+            return torch.ops.mkldnn._convolution_pointwise_.binary(residual, x, w, bias, *args, *post)
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, w, bias, *args, *post)
+    return torch.ops.mkldnn._convolution_pointwise(x, w, bias, *args, "relu" if relu else "none", [], "")
 
 
 def _packs_apply(x, weight, bias, padding) -> bool:

@@ -12,8 +12,8 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <memory>
 #include <utility>
-#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -160,12 +160,19 @@ at::Tensor few_rows_linear_cpu(const at::Tensor& x, const at::Tensor& packed, co
               "few_rows_linear: bias must be a contiguous float32 [N = ", N, "] tensor");
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  // x copied to rows K + 16 floats apart: rows a multiple of 4 KB apart (K = 1024, 2048) would share L1 sets
-  const int64_t ldx = K + 16;
-  std::vector<float> xs(M * ldx);
-  const at::Tensor xc = x.contiguous();
-  for (int64_t r = 0; r < M && K > 0; ++r)
-    std::memcpy(xs.data() + r * ldx, xc.const_data_ptr<float>() + r * K, K * sizeof(float));
+  // The tile reads its rows of x at the same column together: rows a multiple of 4 KB apart (K = 1024, 2048)
+  // share one L1 set and evict each other, so there x is copied to rows K + 16 floats apart (0.85x the speed of
+  // the copy in place at 14 x 2048). Other contiguous x is read in place: the copy is serial work before the
+  // threads start (in place 1.04-1.12x at 14-40 x 128-512 on an AMD EPYC (Zen 4)).
+  const bool in_place = x.is_contiguous() && K % 1024 != 0;
+  const int64_t ldx = in_place ? K : K + 16;
+  std::unique_ptr<float[]> copy(in_place ? nullptr : new float[M * ldx]);
+  const float* xs = in_place ? x.const_data_ptr<float>() : copy.get();
+  if (!in_place) {
+    const at::Tensor xc = x.contiguous();
+    for (int64_t r = 0; r < M && K > 0; ++r)
+      std::memcpy(copy.get() + r * ldx, xc.const_data_ptr<float>() + r * K, K * sizeof(float));
+  }
   const float* w = packed.const_data_ptr<float>();
   const float* b = bias.has_value() ? bias->const_data_ptr<float>() : nullptr;
   float* out = y.data_ptr<float>();
@@ -176,7 +183,7 @@ at::Tensor few_rows_linear_cpu(const at::Tensor& x, const at::Tensor& packed, co
     for (int64_t p = begin; p < end; ++p)
       for (int64_t t = 0, r0 = 0; t < tiles; ++t) {
         const int64_t rows = (M - r0) / (tiles - t);
-        run_tile(TileArgs{xs.data() + r0 * ldx, ldx, K, w + p * K * kPanel, b ? b + p * kPanel : nullptr, relu,
+        run_tile(TileArgs{xs + r0 * ldx, ldx, K, w + p * K * kPanel, b ? b + p * kPanel : nullptr, relu,
                           out + r0 * N + p * kPanel, N},
                  rows);
         r0 += rows;

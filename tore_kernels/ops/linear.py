@@ -82,17 +82,16 @@ def bf16_autocast() -> bool:
 SMALL_PRODUCT, SMALL_WEIGHT = 4_000_000, 128 * 512
 MAX_PACKED_ROWS = 4  # MKL packs per row count M: at most this many batch shapes per weight, then F.linear
 
-# Rows up to which fp32 products of 2 rows or more run tore_kernels::few_rows_linear, per SIMD clone: (any weight,
-# weights of at most FEW_ROWS_WEIGHT elements). Where the op measured at least as fast as the best of F.linear, MKL's
-# and oneDNN's packed GEMMs on 2 Zen 4 cores: with AVX-512 1.1-2.8x at 2-16 rows for 128-2048 x 128-2048 weights
-# and 1.07-1.5x at 17-40 rows for the smaller ones; capped at AVX2 1.3-2.0x at 2-4 rows, 0.95-1.8x at 5-16 rows of
-# the smaller weights; in a forward, where each weight comes from memory, the AVX2 tile (since it prefetches) and
-# oneDNN's AVX2 GEMM at 40 rows of 512 x 2048 ran at about the same speed, and the captured TORE-FastMETRO-L head
-# at batch 1 capped at AVX2 ran 1.01-1.03x faster with every weight up to 16 rows and 1.03-1.04x faster again up to
-# 40 (side by side; oneDNN's AVX2 GEMM reached 80 GFLOP/s there, its AVX-512 one 190). A single row stays on F.linear
-# (MKL's matrix-vector product streams a weight from memory faster). Off x86 (no SIMD clone) never.
-FEW_ROWS = {"avx512": (16, 40), "avx2": (40, 40)}
-FEW_ROWS_WEIGHT = 512 * 512
+# Rows up to which fp32 products of 2 rows or more run tore_kernels::few_rows_linear, per SIMD clone. In a forward
+# every weight comes from memory (the heads' weights do not fit the L3), and with weights cycled through 64 MB the
+# op measured faster than the best of F.linear, MKL's and oneDNN's packed GEMMs up to 40 rows on 2 Zen 4 cores: with
+# AVX-512 1.1-2.8x at 2-16 rows and 1.13-1.30x at 24-40 rows of 512 x 2048 and 2048 x 512 weights (oneDNN's GEMM
+# 134-192 GFLOP/s there, the op 158-192); the captured TORE-FastMETRO-L head at batch 1 ran 1.02x faster (plain
+# patch 1.03x) with 17-40 rows of those weights too than with them on oneDNN. Capped at AVX2 the head ran
+# 1.01-1.04x faster for each step from 4 to 16 to 40 rows of any weight (oneDNN's AVX2 GEMM: 80 GFLOP/s at 40 x 512
+# x 2048). A single row stays on F.linear (MKL's matrix-vector product streams a weight from memory faster). Off
+# x86 (no SIMD clone) never.
+FEW_ROWS = {"avx512": 40, "avx2": 40}
 FEW_ROWS_PANEL = 32  # output columns per packed panel (the kernel's register tile width)
 
 HAS_FEW_ROWS = backend.HAS_EXTENSION and hasattr(torch.ops.tore_kernels, "few_rows_linear")
@@ -110,11 +109,10 @@ def pack_few_rows_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(n // FEW_ROWS_PANEL, FEW_ROWS_PANEL, k).transpose(1, 2).contiguous()
 
 
-def _few_rows(m: int, k: int, n: int) -> bool:
-    """Whether an fp32 product of ``m`` rows by an ``[n, k]`` weight runs few_rows_linear on this CPU."""
-    limits = FEW_ROWS.get(backend.cpu_isa()) if HAS_FEW_ROWS else None
-    return (limits is not None and m >= 2 and n % FEW_ROWS_PANEL == 0
-            and m <= limits[1 if k * n <= FEW_ROWS_WEIGHT else 0])
+def _few_rows(m: int, n: int) -> bool:
+    """Whether an fp32 product of ``m`` rows by a weight of ``n`` rows runs few_rows_linear on this CPU."""
+    limit = FEW_ROWS.get(backend.cpu_isa()) if HAS_FEW_ROWS else None
+    return limit is not None and 2 <= m <= limit and n % FEW_ROWS_PANEL == 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,7 +148,7 @@ def _path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: i
     k, size = x.shape[-1], x.numel()
     bf16 = weight.dtype == torch.bfloat16 or bf16_autocast()
     gemm, min_rows = fp32_gemm()
-    few_rows = not bf16 and k > 0 and _few_rows(size // k, k, n)
+    few_rows = not bf16 and k > 0 and _few_rows(size // k, n)
     if not bf16 and not few_rows and (gemm is None or size < min_rows * k or _small(size, k, n, gemm)):
         return None
     if not (x.is_cpu and weight.is_cpu and not x.is_mkldnn

@@ -734,7 +734,11 @@ bool try_fused_projected(const at::Tensor& q, const at::Tensor& k, const at::Ten
   if (q.scalar_type() != at::kFloat || N % 64 != 0 || !avx512_rows(q, k, v, tab)) return false;
   at::Tensor lse = at::empty({q.size(0), H, L}, q.options());
   Fused<float> a = fused_args<float>(q, k, v, tab, scale, y /* unused: rows go to obuf */, lse, nullptr);
-  at::parallel_for(0, q.size(0) * L, kRows, [&](int64_t begin, int64_t end) {
+  // kRows rows per task, fewer where that would leave threads idle (one sample's 14 joint tokens: 7 per thread
+  // of 2, the captured TORE head at batch 1 1.02-1.03x faster than with one thread taking all 14)
+  const int64_t rows = q.size(0) * L, threads = at::get_num_threads();
+  const int64_t grain = std::min<int64_t>(kRows, (rows + threads - 1) / threads);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> keys(max_deg + 16);
     std::vector<float> prob(prob_size(tab, H)), qs(H * d), obuf(kRows * H * d);
     fused_projected_rows(a, begin, end, keys.data(), prob.data(), qs.data(), obuf.data(), wt.const_data_ptr<float>(),

@@ -161,9 +161,9 @@ at::Tensor few_rows_linear_cpu(const at::Tensor& x, const at::Tensor& packed, co
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   // The tile reads its rows of x at the same column together: rows a multiple of 4 KB apart (K = 1024, 2048)
-  // share one L1 set and evict each other, so there x is copied to rows K + 16 floats apart (0.85x the speed of
-  // the copy in place at 14 x 2048). Other contiguous x is read in place: the copy is serial work before the
-  // threads start (in place 1.04-1.12x at 14-40 x 128-512 on an AMD EPYC (Zen 4)).
+  // share one L1 set and evict each other, so there x is copied to rows K + 16 floats apart (read in place, 14-40
+  // x 2048 x 512 ran 0.85x as fast). Other contiguous x is read in place: the copy is serial work before the
+  // threads start (in place 1.04-1.27x per call at 6-40 x 128-512, AVX-512 and AVX2 tiles, on an AMD EPYC (Zen 4)).
   const bool in_place = x.is_contiguous() && K % 1024 != 0;
   const int64_t ldx = in_place ? K : K + 16;
   std::unique_ptr<float[]> copy(in_place ? nullptr : new float[M * ldx]);

@@ -82,15 +82,15 @@ def bf16_autocast() -> bool:
 SMALL_PRODUCT, SMALL_WEIGHT = 4_000_000, 128 * 512
 MAX_PACKED_ROWS = 4  # MKL packs per row count M: at most this many batch shapes per weight, then F.linear
 
-# Rows up to which fp32 products of 2 rows or more run tore_kernels::few_rows_linear, per SIMD clone. In a forward
-# every weight comes from memory (the heads' weights do not fit the L3), and with weights cycled through 64 MB the
-# op measured faster than the best of F.linear, MKL's and oneDNN's packed GEMMs up to 40 rows on 2 Zen 4 cores: with
-# AVX-512 1.1-2.8x at 2-16 rows and 1.13-1.30x at 24-40 rows of 512 x 2048 and 2048 x 512 weights (oneDNN's GEMM
-# 134-192 GFLOP/s there, the op 158-192); the captured TORE-FastMETRO-L head at batch 1 ran 1.02x faster (plain
-# patch 1.03x) with 17-40 rows of those weights too than with them on oneDNN. Capped at AVX2 the head ran
-# 1.01-1.04x faster for each step from 4 to 16 to 40 rows of any weight (oneDNN's AVX2 GEMM: 80 GFLOP/s at 40 x 512
-# x 2048). A single row stays on F.linear (MKL's matrix-vector product streams a weight from memory faster). Off
-# x86 (no SIMD clone) never.
+# Rows up to which fp32 products of 2 rows or more run tore_kernels::few_rows_linear, per SIMD clone, any weight.
+# Measured on 2 Zen 4 cores against the best of F.linear, MKL's and oneDNN's packed GEMMs: with AVX-512 1.1-2.8x at
+# 2-16 rows (weights in cache, ``tore-kernels bench linear``) and, with weights cycled through 64 MB as in a forward
+# (the heads' weights do not fit the L3), 1.13-1.30x at 24-40 rows of 512 x 2048 and 2048 x 512 weights (oneDNN
+# 134-192 GFLOP/s, the op 158-192); the captured TORE-FastMETRO-L head at batch 1 ran 1.02x faster with those too
+# (plain patch 1.03x). Capped at AVX2 1.3-2.0x at 2-4 rows in cache, and the head ran 1.01-1.04x faster for each
+# step from 4 to 16 to 40 rows of any weight (oneDNN's AVX2 GEMM: 80 GFLOP/s at 40 x 512 x 2048 in the forward).
+# A single row stays on F.linear (MKL's matrix-vector product streams a weight from memory faster). Off x86 (no
+# SIMD clone) never.
 FEW_ROWS = {"avx512": 40, "avx2": 40}
 FEW_ROWS_PANEL = 32  # output columns per packed panel (the kernel's register tile width)
 

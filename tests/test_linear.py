@@ -203,7 +203,9 @@ FEW_ROWS_CASES = dict(m=[1, 2, 7, 14, 15, 16, 29, 40], kn=[(128, 32), (33, 96), 
 
 
 def _few_rows_args(m, k, n, bias, seed=0):
-    """x [m, k] (a transposed view for odd m: the op reads any strides), weight [n, k] and bias [n] or None."""
+    """x [m, k], weight [n, k] and bias [n] or None. x covers both ways the op takes it: contiguous for even m (read in
+    place; copied to padded rows for k = 2048, whose rows are 8 KB apart) and a transposed view for odd m > 1
+    (copied)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(k, m, generator=g).t() if m % 2 else torch.randn(m, k, generator=g)
     return x, torch.randn(n, k, generator=g), torch.randn(n, generator=g) if bias else None

@@ -25,6 +25,7 @@ from torch import nn
 
 from tore_kernels.backend import bf16_native
 from tore_kernels.nn.mesh import MeshSampler
+from tore_kernels.patch.capture import disagreement
 from tore_kernels.patch import patch
 from tore_reference import released
 from tore_benchmarks.harness import Case, Skipped, entry
@@ -164,7 +165,7 @@ def _error(out, ref) -> float:
     out, ref = _flat(out), _flat(ref)
     if len(out) != len(ref) or any(o.shape != r.shape for o, r in zip(out, ref)):
         return float("inf")
-    return max(float((o - r).abs().max()) for o, r in zip(out, ref)) / max(float(r.abs().max()) for r in ref)
+    return disagreement(out, ref)
 
 
 def _checked(fn, ref, tolerance=TOLERANCE):

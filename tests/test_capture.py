@@ -153,6 +153,31 @@ def test_graph_that_disagrees_with_eager_is_not_used(monkeypatch):
     assert not any(map(callable, _graphs(model)))
 
 
+def test_replay_runs_below_autograd_and_gives_ordinary_tensors(monkeypatch):
+    """Graphs replay (grad off) with the autograd dispatch keys excluded, so the custom ops' autograd kernels are
+    skipped; the outputs are ordinary tensors (not inference tensors) that code with grad on can use afterwards."""
+    below = []
+
+    def compile_(graph, inputs):
+        def replayed(*args):
+            below.append(torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.AutogradFunctionality))
+            return graph(*args)
+        return replayed
+    monkeypatch.setattr(capture, "_compile", compile_)
+    eager, model = _eager_and_compiled("tore_fastmetro")
+    images = images_on(CPU)
+    with torch.no_grad():
+        run(model, images)  # captures: the eager call, then the graph's first (checked) call
+        out = run(model, images)  # replays
+        assert_all_close(out, run(eager, images))
+    assert below[-1] and len(below) == 2
+    assert not torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.AutogradFunctionality)
+    scale = torch.ones((), requires_grad=True)
+    sum((o * scale).sum() for o in out).backward()
+    assert not any(o.is_inference() or o.requires_grad for o in out)
+    assert torch.isfinite(scale.grad)
+
+
 def test_copies_of_a_compiled_model(interpreted):
     eager, model = _eager_and_compiled("fastmetro_body")
     images = images_on(CPU)

@@ -5,6 +5,12 @@
 // handled by the caller (a dense row) and is skipped here: zero output, zero gradient. Scores are only
 // formed for those pairs; gathered keys/values are never materialised. q/k/v are [B, H, L|S, d] with
 // arbitrary strides (views of the in-projection output).
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12 takes the AVX-512 intrinsics' undefined pass-through operands (_mm512_undefined_ps, inside
+// immintrin.h) inlined into the kernels below for uninitialized values: hundreds of false warnings. Set before
+// any header, since the warning is placed at the intrinsic's line in immintrin.h.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -25,8 +25,8 @@ from torch import nn
 
 from tore_kernels.backend import bf16_native
 from tore_kernels.nn.mesh import MeshSampler
-from tore_kernels.patch.capture import disagreement
 from tore_kernels.patch import patch
+from tore_kernels.patch.capture import disagreement
 from tore_reference import released
 from tore_benchmarks.harness import Case, Skipped, entry
 

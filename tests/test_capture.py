@@ -154,8 +154,9 @@ def test_graph_that_disagrees_with_eager_is_not_used(monkeypatch):
 
 
 def test_replay_runs_below_autograd_and_gives_ordinary_tensors(monkeypatch):
-    """Graphs replay (grad off) with the autograd dispatch keys excluded, so the custom ops' autograd kernels are
-    skipped; the outputs are ordinary tensors (not inference tensors) that code with grad on can use afterwards."""
+    """Graphs run (grad off: the check after capturing, then every replay) with the autograd dispatch keys excluded,
+    so the custom ops' autograd kernels are skipped; the outputs are ordinary tensors (not inference tensors) that
+    code with grad on can use afterwards."""
     below = []
 
     def compile_(graph, inputs):
@@ -170,7 +171,7 @@ def test_replay_runs_below_autograd_and_gives_ordinary_tensors(monkeypatch):
         run(model, images)  # captures: the eager call, then the graph's first (checked) call
         out = run(model, images)  # replays
         assert_all_close(out, run(eager, images))
-    assert below[-1] and len(below) == 2
+    assert below == [True, True]
     assert not torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.AutogradFunctionality)
     scale = torch.ones((), requires_grad=True)
     sum((o * scale).sum() for o in out).backward()

@@ -166,6 +166,15 @@ def _compile(graph, inputs):
         return compile_fx(graph, inputs)
 
 
+def _run(compiled, tensors):
+    """``compiled(*tensors)`` below autograd, for the check after capturing and for every replay. Graphs run only
+    without grad (see _key), where an op's autograd kernel would only pass the call on: below it, the custom ops skip
+    that round trip (through Python for the torch.library autograd ones; the TORE-FastMETRO-L head at batch 1 on an
+    AMD EPYC (Zen 4): 1.02-1.04x, 1.07x capped at AVX2)."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return compiled(*tensors)
+
+
 def _capture(inner, model, args, kwargs):
     """(the eager outputs of this call, a function that replays them for calls of its signature compiled by
     inductor, or the reason there is none)."""
@@ -193,7 +202,7 @@ def _capture(inner, model, args, kwargs):
         return eager, f"tracing failed: {type(exc).__name__}: {exc}"[:300]
     try:
         compiled = _compile(graph, tensors)
-        out = compiled(*tensors)
+        out = _run(compiled, tensors)
     except Exception as exc:
         return eager, f"inductor failed: {type(exc).__name__}: {exc}"[:300]
     err = disagreement(out, out_leaves)
@@ -201,11 +210,7 @@ def _capture(inner, model, args, kwargs):
         return eager, f"the compiled graph's outputs differ from the eager forward's by {err:.2g} of their range"
 
     def replay(flat):  # the call's arguments, flattened
-        # Graphs replay only without grad (see _key), where an op's autograd kernel would only pass the call on:
-        # below it, the custom ops skip that round trip (through Python for the torch.library autograd ones; the
-        # TORE-FastMETRO-L head at batch 1 on an AMD EPYC (Zen 4): 1.02-1.04x, 1.07x capped at AVX2)
-        with torch._C._AutoDispatchBelowAutograd():
-            return pytree.tree_unflatten(list(compiled(*[flat[i] for i in where])), out_spec)
+        return pytree.tree_unflatten(list(_run(compiled, [flat[i] for i in where])), out_spec)
     return eager, replay
 
 

@@ -3,8 +3,8 @@ compiled by inductor (weights frozen in, C++ wrapper), and replayed.
 
 At batch 1 a patched forward is about 600 small ops, and each pays Python, dispatch and the checks that pick its
 path; the graph pays none of that: its pointwise ops and LayerNorms run fused in C++ loops, the GEMMs and our
-kernels are called from C++, below autograd (the TORE-FastMETRO-L head at batch 1 on an AMD EPYC (Zen 4): 14.6
-against 21.7 ms eager patched in the README's run of `tore-kernels bench peers`, 18.5 against 25.9 in an earlier one).
+kernels are called from C++, below autograd (the TORE-FastMETRO-L head at batch 1 on an AMD EPYC (Zen 4): 17.3
+against 27.3 ms eager patched in the README's run of `tore-kernels bench peers`, 14.6 against 21.7 in an earlier one).
 What the graph runs is what the patched forward ran: it is traced (``make_fx``) after one eager call has filled
 every cache (packed weights, neighbour tables, blocks computed once), so the caches' contents are constants of the
 graph. So the graph is keyed on everything they derive from, checked before each call: the inputs' shapes,
